@@ -1,0 +1,78 @@
+"""Weight files: safetensors with the ModelSpec and provenance in the metadata, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from jax_impl.errors import HessianApproxError, check_finite
+from jax_impl.models import ModelSpec, flatten_tree, param_shapes, unflatten_tree
+
+LAYOUT = "flax"  # kernels (in, out); the bridge converts to torch's (out, in)
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: no partial file is ever left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path, params, spec: ModelSpec, metadata: dict | None = None) -> None:
+    """Write ``params`` (Flax layout) with the spec and JSON metadata to ``path``."""
+    tensors = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten_tree(params).items()}
+    for name, value in tensors.items():
+        check_finite(f"the weights {name}", value)
+    meta = {"spec": spec.to_json(), "layout": LAYOUT, "metadata": json.dumps(metadata or {})}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_checkpoint(path, spec: ModelSpec | None = None):
+    """Read a weight file. Returns (params, spec, metadata).
+
+    Raises HessianApproxError when the file is missing or unreadable, holds NaN or
+    Inf, or does not match ``spec`` (when given) or its own stored spec.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HessianApproxError(f"checkpoint {path} does not exist", "run `hessian-approx train` first or fix --checkpoint")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise HessianApproxError(f"checkpoint {path} is not a readable safetensors file ({err})",
+                                 "re-create it with `hessian-approx train`") from None
+    if "spec" not in meta:
+        raise HessianApproxError(f"checkpoint {path} has no model spec in its metadata",
+                                 "save it with hessian-approx (jax_impl.checkpoint.save_checkpoint)")
+    stored = ModelSpec.from_json(meta["spec"])
+    if spec is not None and spec != stored:
+        raise HessianApproxError(
+            f"checkpoint {path} holds a {stored.describe()} but the model asked for is {spec.describe()}",
+            "pass the matching --hidden/--activation/--dataset or another --checkpoint")
+    expected = param_shapes(stored)
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if got != expected:
+        diff = sorted(set(expected.items()) ^ set(got.items()))
+        raise HessianApproxError(
+            f"checkpoint {path} does not match its spec {stored.describe()}: {diff[0][0]} is {got.get(diff[0][0])}, expected {expected.get(diff[0][0])}",
+            "re-create it with `hessian-approx train`")
+    for name, value in tensors.items():
+        check_finite(f"the weights {name} in {path}", value)
+    return unflatten_tree(tensors), stored, json.loads(meta.get("metadata", "{}"))
