@@ -26,11 +26,14 @@ class Batches:
       x: (num_chunks, chunk, D) inputs.
       y: (num_chunks, chunk) integer labels.
       w: (num_chunks, chunk) weights: 1/N for real samples, 0 for padding.
+      mesh: a 1-D device mesh whose axis splits each chunk's samples (static;
+        None for one device). Set by ``jax_impl.sharding.shard_batches``.
     """
 
     x: jax.Array
     y: jax.Array
     w: jax.Array
+    mesh: object = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def num_samples(self) -> int:
@@ -73,11 +76,26 @@ def make_batches(x, y, chunk_size: int = 1000, multiple_of: int = 1, dtype=jnp.f
     )
 
 
+def _constrain(chunk: Batches, mesh) -> Batches:
+    """Pin a chunk's sample axis to the mesh, so XLA splits per-sample work over devices.
+
+    Explicit, because data captured in a closure (as matvecs capture it) loses the
+    placement of the arrays it came from.
+    """
+    if mesh is None:
+        return chunk
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    axis = mesh.axis_names[0]
+    pin = lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(axis, *[None] * (a.ndim - 1))))
+    return Batches(pin(chunk.x), pin(chunk.y), pin(chunk.w))
+
+
 def _chunk_sum(fn, batches: Batches, init):
     """sum_c fn(chunk_c) by lax.scan over the chunk axis."""
 
     def body(acc, chunk):
-        return jax.tree_util.tree_map(jnp.add, acc, fn(Batches(*chunk))), None
+        return jax.tree_util.tree_map(jnp.add, acc, fn(_constrain(Batches(*chunk), batches.mesh))), None
 
     out, _ = jax.lax.scan(body, init, (batches.x, batches.y, batches.w))
     return out
@@ -186,11 +204,13 @@ def _outer_vp(problem: Problem, residuals: Callable) -> Callable:
         v = jnp.asarray(v, flat.dtype)
         keys = jax.random.split(key, problem.batches.x.shape[0])
 
+        b = problem.batches
+
         def body(acc, xs):
             x, y, w, k = xs
-            return acc + one(Batches(x, y, w), v, k), None
+            return acc + one(_constrain(Batches(x, y, w), b.mesh), v, k), None
 
-        out, _ = jax.lax.scan(body, jnp.zeros_like(v), (*dataclasses.astuple(problem.batches), keys))
+        out, _ = jax.lax.scan(body, jnp.zeros_like(v), (b.x, b.y, b.w, keys))
         return out
 
     return matvec

@@ -1,0 +1,46 @@
+"""Shard the sample axis of the Hessian data over all local devices (a 1-D jax.sharding mesh)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jax_impl.operators import Batches, make_batches
+
+AXIS = "samples"
+
+
+def sample_mesh(devices=None) -> Mesh:
+    """A 1-D mesh named ``samples`` over ``devices`` (default: all local devices).
+
+    Multi-host: call ``jax.distributed.initialize()`` first on every host and pass
+    ``jax.devices()``; each host then feeds the same global arrays (see README).
+    """
+    devices = jax.local_devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (AXIS,))
+
+
+def shard_batches(batches: Batches, mesh: Mesh) -> Batches:
+    """Place ``batches`` so each chunk's sample axis (axis 1) is split over ``mesh``.
+
+    The chunk size must be a multiple of the device count (make_batches with
+    ``multiple_of=mesh.size`` guarantees it). Under jit, XLA then computes each
+    chunk's per-sample work on its own device and sums the results across devices.
+    """
+    if batches.x.shape[1] % mesh.size:
+        raise ValueError(f"chunk size {batches.x.shape[1]} is not a multiple of {mesh.size} devices")
+    x_sh = NamedSharding(mesh, P(None, AXIS, None))
+    s_sh = NamedSharding(mesh, P(None, AXIS))
+    return Batches(
+        x=jax.device_put(batches.x, x_sh),
+        y=jax.device_put(batches.y, s_sh),
+        w=jax.device_put(batches.w, s_sh),
+        mesh=mesh if mesh.size > 1 else None,
+    )
+
+
+def sharded_batches(x, y, chunk_size: int = 1000, dtype=np.float32, mesh: Mesh | None = None) -> Batches:
+    """make_batches + shard_batches over all local devices (one device: no-op placement)."""
+    mesh = sample_mesh() if mesh is None else mesh
+    return shard_batches(make_batches(x, y, chunk_size, multiple_of=mesh.size, dtype=dtype), mesh)
