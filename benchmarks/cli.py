@@ -1,0 +1,125 @@
+"""The `hessian-approx` command line: parse flags, pick methods from the table, print and save the record."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jax_impl.errors import HessianApproxError
+
+# Each computing command is a default selection of methods from the method table.
+COMMANDS = {
+    "eigs": ("top-k Hessian eigenvalues: exact, Lanczos, power iteration", ["exact", "lanczos", "power"]),
+    "trace": ("Hessian trace: exact and Hutchinson", ["exact", "hutchinson"]),
+    "density": ("spectral density by SLQ next to the exact eigenvalues", ["exact", "slq"]),
+}
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected widths like '10' or '32,32', got {text!r}") from None
+
+
+def add_problem_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("problem")
+    g.add_argument("--dataset", default="auto", choices=["auto", "mnist", "digits"],
+                   help="auto: MNIST from --data-dir/$HESSIAN_APPROX_DATA or a prepared tfds copy, else 8x8 digits")
+    g.add_argument("--data-dir", default=None, help="directory with the four MNIST IDX files (gz or raw)")
+    g.add_argument("--hidden", type=_ints, default=(10,), help="hidden widths, e.g. 10 or 32,32 (default 10)")
+    g.add_argument("--activation", default="relu", choices=["relu", "tanh", "sigmoid"])
+    g.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])
+    g.add_argument("--checkpoint", default=None, help="weights from `hessian-approx train`; default: train now")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="training epochs when no --checkpoint (default 5 for MNIST, 100 for digits)")
+    g.add_argument("--hessian-samples", type=int, default=1000, help="size of the seeded Hessian subset (default 1000)")
+    g.add_argument("--seed", type=int, default=0, help="seed for training, the subset and every probe (default 0)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    g.add_argument("--chunk-size", type=int, default=1000, help="samples per chunk of the curvature averages")
+    g.add_argument("--json", default=None, metavar="PATH", help="write the result record here (atomically)")
+
+
+def add_method_flags(p: argparse.ArgumentParser, default_methods) -> None:
+    g = p.add_argument_group("methods")
+    g.add_argument("--methods", default=",".join(default_methods),
+                   help=f"comma-separated methods from the table (default {','.join(default_methods)})")
+    g.add_argument("-k", "--k", type=int, default=10, help="number of top eigenvalues (default 10)")
+    g.add_argument("--power-max-iter", type=int, default=100, help="PyHessian's maxIter (default 100)")
+    g.add_argument("--power-tol", type=float, default=1e-3, help="PyHessian's tol (default 1e-3)")
+    g.add_argument("--lanczos-steps", type=int, default=None, help="Lanczos iterations (default: from k)")
+    g.add_argument("--hutchinson-samples", type=int, default=100, help="Rademacher probes (default 100)")
+    g.add_argument("--slq-steps", type=int, default=100, help="Lanczos steps per SLQ run (default 100)")
+    g.add_argument("--slq-runs", type=int, default=1, help="SLQ runs (PyHessian's n_v, default 1)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hessian-approx", description=(
+        "Curvature of neural-network losses in JAX, cross-checked against BackPACK and PyHessian."))
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train the network and write a safetensors checkpoint")
+    add_problem_flags(t)
+    t.add_argument("--out", required=True, help="checkpoint path to write (.safetensors)")
+    for name, (helptext, methods) in COMMANDS.items():
+        add_method_flags(add_and_return(sub, name, helptext), methods)
+    return p
+
+
+def add_and_return(sub, name, helptext):
+    q = sub.add_parser(name, help=helptext)
+    add_problem_flags(q)
+    return q
+
+
+def options_from(args):
+    from benchmarks.context import Options
+
+    fields = Options.__dataclass_fields__
+    return Options(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def run(args) -> int:
+    from benchmarks import record as rec
+    from benchmarks.context import Context, log
+    from benchmarks.methods import METHODS, preflight, run_methods
+    from jax_impl.checkpoint import save_checkpoint
+
+    ctx = Context(options_from(args))
+    if args.command == "train":
+        params = ctx.params
+        save_checkpoint(args.out, params, ctx.spec, {**ctx.train_info, **ctx.dataset.provenance()})
+        log(f"wrote {args.out}")
+        print(f"{ctx.spec.describe()}: train accuracy {ctx.train_info['train_accuracy']:.4f}, "
+              f"test accuracy {ctx.train_info['test_accuracy']:.4f} -> {args.out}")
+        return 0
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise HessianApproxError(f"unknown method(s) {', '.join(unknown)}",
+                                 f"choose from {', '.join(METHODS)}")
+    _ = ctx.subset  # a bad --hessian-samples fails here, before any training
+    preflight(ctx, names)
+    record = rec.new_record(args.command, ctx.provenance())
+    run_methods(ctx, names, record)
+    record["comparisons"] = rec.compare_to_reference(record, "exact", ctx.options.k)
+    print(rec.format_table(record))
+    if args.json:
+        rec.write_json(args.json, record)
+        log(f"wrote {args.json}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except HessianApproxError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no result file was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

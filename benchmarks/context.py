@@ -1,0 +1,184 @@
+"""The problem a command works on: options -> dataset, model, weights, Hessian subset, operators."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import time
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_impl import checkpoint, data, losses, models, operators, sharding, train
+from jax_impl.errors import HessianApproxError, check_finite
+from jax_impl.materialize import dense
+
+
+def log(msg: str) -> None:
+    """Progress messages go to stderr, so stdout holds only the table."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def progress_bar(total: int, desc: str):
+    """A tqdm bar on stderr (silent when stderr is not a terminal)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, disable=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Everything that defines a run; every command-line flag maps to one field."""
+
+    dataset: str = "auto"
+    data_dir: str | None = None
+    hidden: tuple[int, ...] = (10,)
+    activation: str = "relu"
+    loss: str = "cross_entropy"
+    hessian_samples: int = 1000
+    seed: int = 0
+    dtype: str = "float32"
+    checkpoint: str | None = None
+    chunk_size: int = 1000
+    epochs: int | None = None  # None: 5 for MNIST, 100 for the 20x smaller digits set
+    k: int = 10
+    power_max_iter: int = 100
+    power_tol: float = 1e-3
+    lanczos_steps: int | None = None
+    hutchinson_samples: int = 100
+    slq_steps: int = 100
+    slq_runs: int = 1
+    mc_samples: int = 1
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "float64"):
+            raise HessianApproxError(f"dtype {self.dtype!r} is not supported", "use --dtype float32 or float64")
+        for name in ("hessian_samples", "k", "chunk_size", "hutchinson_samples",
+                     "slq_steps", "slq_runs", "power_max_iter", "mc_samples"):
+            if getattr(self, name) < 1:
+                raise HessianApproxError(f"--{name.replace('_', '-')} is {getattr(self, name)}",
+                                         "pass a positive number")
+        if self.epochs is not None and self.epochs < 1:
+            raise HessianApproxError(f"--epochs is {self.epochs}", "pass a positive number")
+
+
+class Context:
+    """Lazily built, cached pieces of one run (dataset, weights, operators, dense Hessian).
+
+    Methods in the method table take a Context and read what they need; what is
+    expensive (training, the dense Hessian and its eigendecomposition) is built once.
+    """
+
+    def __init__(self, options: Options):
+        self.options = options
+        if options.dtype == "float64":
+            jax.config.update("jax_enable_x64", True)
+        self.dtype = jnp.float64 if options.dtype == "float64" else jnp.float32
+        self.train_info: dict = {}
+
+    def key(self, name: str) -> jax.Array:
+        """A PRNG key for ``name``, derived from --seed (each method its own stream)."""
+        return jax.random.fold_in(jax.random.PRNGKey(self.options.seed), zlib.crc32(name.encode()) % (2**31))
+
+    @functools.cached_property
+    def dataset(self) -> data.Dataset:
+        ds = data.load_dataset(self.options.dataset, self.options.data_dir)
+        log(f"data: {ds.note}")
+        return ds
+
+    @functools.cached_property
+    def spec(self) -> models.ModelSpec:
+        o = self.options
+        return models.ModelSpec(input_dim=self.dataset.x_train.shape[1], hidden=tuple(o.hidden),
+                                output_dim=10, activation=o.activation)
+
+    @functools.cached_property
+    def params(self):
+        o = self.options
+        if o.checkpoint:
+            params, _, meta = checkpoint.load_checkpoint(o.checkpoint, self.spec)
+            self.train_info = {"checkpoint": str(o.checkpoint), **meta}
+            log(f"weights: loaded {o.checkpoint}")
+        else:
+            params, self.train_info = self.train()
+        return models.cast_params(params, self.dtype)
+
+    def train(self):
+        """Train the network from --seed; returns (params, info with accuracies)."""
+        o = self.options
+        epochs = o.epochs or (5 if self.dataset.name == "mnist" else 100)
+        cfg = train.TrainConfig(epochs=epochs, seed=o.seed, loss=o.loss)
+        log(f"training {self.spec.describe()} on {self.dataset.name} for {epochs} epochs (seed {o.seed})")
+        bar = progress_bar(epochs, "train")
+        t0 = time.perf_counter()
+        params, hist = train.train(self.spec, self.dataset.x_train, self.dataset.y_train, cfg,
+                                   progress=lambda e, l: (bar.update(1), bar.set_postfix(loss=f"{l:.3f}")))
+        bar.close()
+        apply = models.make_apply(self.spec)
+        info = {"trained": True, "epochs": epochs, "final_loss": hist["loss"][-1],
+                "train_accuracy": train.accuracy(apply, params, self.dataset.x_train, self.dataset.y_train),
+                "test_accuracy": train.accuracy(apply, params, self.dataset.x_test, self.dataset.y_test),
+                "train_seconds": time.perf_counter() - t0}
+        log(f"trained: train accuracy {info['train_accuracy']:.4f}, test accuracy {info['test_accuracy']:.4f}")
+        return params, info
+
+    @functools.cached_property
+    def subset(self):
+        """The fixed, seeded Hessian subset (x (n, D), y (n,))."""
+        return data.hessian_subset(self.dataset.x_train, self.dataset.y_train,
+                                   self.options.hessian_samples, self.options.seed)
+
+    @functools.cached_property
+    def problem(self) -> operators.Problem:
+        x, y = self.subset
+        batches = sharding.sharded_batches(x, y, self.options.chunk_size, dtype=self.dtype)
+        for name, value in models.flatten_tree(self.params).items():
+            check_finite(f"the weights {name}", value)
+        return operators.Problem(models.make_apply(self.spec), losses.get_loss(self.options.loss),
+                                 self.params, batches)
+
+    @functools.cached_property
+    def hvp(self):
+        return jax.jit(operators.hvp(self.problem))
+
+    @functools.cached_property
+    def ggn_vp(self):
+        return jax.jit(operators.ggn_vp(self.problem))
+
+    def dense(self, matvec, what: str) -> tuple[np.ndarray, float]:
+        """(matrix, seconds) for the operator ``matvec``, with a progress bar."""
+        dim = self.problem.dim
+        bar = progress_bar(dim, what)
+        done = [0]
+
+        def step(n):
+            bar.update(n - done[0])
+            done[0] = n
+
+        t0 = time.perf_counter()
+        m = dense(matvec, dim, self.dtype, progress=step)
+        bar.close()
+        return m, time.perf_counter() - t0
+
+    @functools.cached_property
+    def hessian(self) -> tuple[np.ndarray, float]:
+        return self.dense(operators.hvp(self.problem), "Hessian columns")
+
+    @functools.cached_property
+    def ggn(self) -> tuple[np.ndarray, float]:
+        return self.dense(operators.ggn_vp(self.problem), "GGN columns")
+
+    def provenance(self) -> dict:
+        from benchmarks.record import machine, versions
+
+        o = self.options
+        ds = self.dataset
+        _ = self.params  # fills self.train_info
+        return {**ds.provenance(), "hessian_samples": o.hessian_samples, "subset_seed": o.seed,
+                "model": self.spec.describe(), "model_spec": self.spec.to_dict(),
+                "num_params": self.spec.num_params, "loss": o.loss, "dtype": o.dtype, "seed": o.seed,
+                "chunk_size": o.chunk_size, "devices": [str(d) for d in jax.devices()],
+                "machine": machine(), "versions": versions(), "weights": self.train_info}

@@ -1,0 +1,159 @@
+"""The method table: a method's name -> function(Context) -> its entry of the result record."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from jax_impl import algorithms
+
+METHODS: dict[str, Callable] = {}
+DESCRIPTIONS: dict[str, str] = {}
+CHECKS: dict[str, Callable] = {}
+
+
+def method(name: str, description: str, check: Callable | None = None):
+    """Register ``fn(ctx) -> dict`` under ``name`` in the method table.
+
+    ``check(ctx)``, when given, runs before any method of a command starts and
+    raises HessianApproxError for inputs the method cannot take (e.g. a dense
+    matrix that will not fit), so a command fails fast instead of half-way.
+    """
+
+    def register(fn):
+        METHODS[name] = fn
+        DESCRIPTIONS[name] = description
+        if check is not None:
+            CHECKS[name] = check
+        return fn
+
+    return register
+
+
+def check_dense_fits(ctx) -> None:
+    from jax_impl.materialize import check_fits
+
+    check_fits(ctx.spec.num_params, ctx.dtype, what="dense Hessian")
+
+
+def check_k(ctx) -> None:
+    from jax_impl.errors import HessianApproxError
+
+    if ctx.options.k > ctx.spec.num_params:
+        raise HessianApproxError(
+            f"k={ctx.options.k} eigenvalues requested but the model has only {ctx.spec.num_params} parameters",
+            f"choose -k between 1 and {ctx.spec.num_params}")
+
+
+def timed(fn, *args, **kwargs):
+    """(result, seconds) with the result's arrays ready (compilation included)."""
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args, **kwargs))
+    return out, time.perf_counter() - t0
+
+
+def spectrum_entry(ctx, which: str) -> dict:
+    """Exact eigenvalues and trace of the dense Hessian or GGN (cached on ctx)."""
+    cache = ctx.__dict__.setdefault("_spectra", {})
+    if which not in cache:
+        matrix, t_dense = ctx.hessian if which == "hessian" else ctx.ggn
+        from benchmarks.context import log
+
+        log(f"eigendecomposition of the {matrix.shape[0]}x{matrix.shape[0]} {which} ...")
+        evals, t_eig = timed(algorithms.eigvalsh_descending, matrix)
+        evals = np.asarray(evals)
+        t0 = time.perf_counter()
+        trace = float(np.trace(matrix))
+        t_trace = time.perf_counter() - t0
+        cache[which] = {
+            "eigenvalues": evals[: ctx.options.k].tolist(), "trace": trace,
+            "spectrum": evals.tolist(), "sum_eigenvalues": float(np.sum(evals)),
+            "seconds": t_dense + t_eig, "seconds_dense": t_dense, "seconds_eigh": t_eig,
+            "seconds_trace": t_dense + t_trace, "matvecs": int(matrix.shape[0]),
+        }
+    return cache[which]
+
+
+@method("exact", "dense Hessian (chunked vmap of jvp-of-grad Hvps), all eigenvalues, trace", check_dense_fits)
+def exact(ctx):
+    return spectrum_entry(ctx, "hessian")
+
+
+@method("ggn", "dense generalized Gauss-Newton (Jᵀ H_ell J), all eigenvalues, trace", check_dense_fits)
+def ggn(ctx):
+    return spectrum_entry(ctx, "ggn")
+
+
+@method("power", "power iteration with deflation over Hvps (PyHessian's algorithm and stopping rule)", check_k)
+def power(ctx):
+    o = ctx.options
+    res, secs = timed(algorithms.power_iteration, ctx.hvp, ctx.problem.dim, ctx.key("power"),
+                      k=o.k, max_iter=o.power_max_iter, tol=o.power_tol)
+    d = res.sorted().to_dict()
+    return {"eigenvalues": d["eigenvalues"], "eigenvalues_found_order": res.to_dict()["eigenvalues"],
+            "matvecs": d["matvecs"], "seconds": secs,
+            "settings": {"max_iter": o.power_max_iter, "tol": o.power_tol}}
+
+
+@method("lanczos", "Lanczos with full reorthogonalization over Hvps: top-k Ritz values", check_k)
+def lanczos(ctx):
+    o = ctx.options
+    res, secs = timed(algorithms.lanczos, ctx.hvp, ctx.problem.dim, ctx.key("lanczos"),
+                      k=o.k, num_steps=o.lanczos_steps)
+    d = res.to_dict()
+    return {"eigenvalues": d["eigenvalues"], "residuals": d["residuals"], "matvecs": d["matvecs"],
+            "seconds": secs}
+
+
+@method("hutchinson", "Hutchinson's trace estimator with Rademacher probes over Hvps")
+def hutchinson(ctx):
+    o = ctx.options
+    res, secs = timed(algorithms.hutchinson, ctx.hvp, ctx.problem.dim, ctx.key("hutchinson"),
+                      num_samples=o.hutchinson_samples)
+    d = res.to_dict()
+    return {"trace": d["trace"], "stderr": d["stderr"], "matvecs": d["matvecs"], "seconds": secs,
+            "running_mean": d["running_mean"], "running_stderr": d["running_stderr"]}
+
+
+@method("slq", "stochastic Lanczos quadrature: spectral density nodes and weights (PyHessian's conventions)")
+def slq(ctx):
+    o = ctx.options
+    (nodes, weights), secs = timed(algorithms.slq, ctx.hvp, ctx.problem.dim, ctx.key("slq"),
+                                   num_steps=o.slq_steps, num_runs=o.slq_runs)
+    nodes, weights = np.asarray(nodes), np.asarray(weights)
+    trace = float(ctx.problem.dim * np.mean(np.sum(nodes * weights, axis=1)))
+    top = np.sort(nodes.max(axis=1))[::-1]
+    return {"nodes": nodes.tolist(), "weights": weights.tolist(), "trace": trace,
+            "eigenvalues": [float(np.mean(top))], "matvecs": o.slq_steps * o.slq_runs, "seconds": secs}
+
+
+def preflight(ctx, names) -> None:
+    """Run the checks of the named methods (raises HessianApproxError before any work)."""
+    for name in names:
+        if name in CHECKS:
+            CHECKS[name](ctx)
+
+
+def run_methods(ctx, names, record: dict, on_error: str = "raise") -> dict:
+    """Run the named methods into ``record['results']`` in order, after their checks.
+
+    With ``on_error == 'record'`` a HessianApproxError in one method is kept as that
+    method's ``error`` and the others still run; by default it propagates.
+    """
+    from benchmarks.context import log
+    from jax_impl.errors import HessianApproxError
+
+    preflight(ctx, names)
+    for name in names:
+        log(f"running {name}: {DESCRIPTIONS[name]}")
+        try:
+            record["results"][name] = METHODS[name](ctx)
+        except HessianApproxError as err:
+            if on_error != "record":
+                raise
+            log(f"{name} not run: {err}")
+            record["results"][name] = {"error": str(err)}
+    return record

@@ -1,0 +1,101 @@
+"""The command line end to end on the 8x8 digits: records, tables, checkpoints and every error path."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from benchmarks.cli import main
+from benchmarks.schema import validate
+
+SMALL = ["--dataset", "digits", "--hidden", "6", "--hessian-samples", "200", "--epochs", "3"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "w.safetensors"
+    assert main(["train", *SMALL, "--out", str(path)]) == 0
+    return path
+
+
+def test_eigs_record_agrees_with_float64_eigh(capsys, tmp_path, ckpt):
+    js = tmp_path / "eigs.json"
+    code, out, err = run(capsys, "eigs", *SMALL, "--checkpoint", str(ckpt), "--dtype", "float64",
+                         "-k", "5", "--json", str(js))
+    assert code == 0, err
+    rec = json.loads(js.read_text())
+    validate(rec)
+    prov = rec["provenance"]
+    assert prov["dataset"] == "digits" and "digits" in prov["dataset_note"]
+    assert prov["num_params"] == 64 * 6 + 6 + 6 * 10 + 10 and prov["dtype"] == "float64"
+    exact = rec["results"]["exact"]
+    assert len(exact["spectrum"]) == prov["num_params"]
+    assert abs(exact["trace"] - exact["sum_eigenvalues"]) < 1e-9 * abs(exact["trace"])
+    lan = np.asarray(rec["results"]["lanczos"]["eigenvalues"])
+    np.testing.assert_allclose(lan, exact["eigenvalues"], rtol=1e-6)
+    assert rec["comparisons"]["lanczos"]["max_rel_err_topk"] < 1e-6
+    assert "lanczos" in out and "power" in out  # the table on stdout
+    assert "Hessian" in err or "running" in err  # progress on stderr
+
+
+def test_trace_and_density(capsys, tmp_path, ckpt):
+    js = tmp_path / "t.json"
+    assert run(capsys, "trace", *SMALL, "--checkpoint", str(ckpt), "--hutchinson-samples", "64",
+               "--json", str(js))[0] == 0
+    res = json.loads(js.read_text())["results"]
+    h = res["hutchinson"]
+    assert abs(h["trace"] - res["exact"]["trace"]) < 4 * h["stderr"]
+    assert len(h["running_mean"]) == 64
+    js2 = tmp_path / "d.json"
+    assert run(capsys, "density", *SMALL, "--checkpoint", str(ckpt), "--slq-steps", "30",
+               "--json", str(js2))[0] == 0
+    slq = json.loads(js2.read_text())["results"]["slq"]
+    assert np.allclose(np.sum(slq["weights"], axis=1), 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["eigs", *SMALL, "-k", "100000"], "k=100000 eigenvalues requested"),
+    (["eigs", *SMALL, "--hessian-samples", "99999"], "--hessian-samples 99999"),
+    (["eigs", *SMALL, "--checkpoint", "/nonexistent.safetensors"], "does not exist"),
+    (["eigs", *SMALL, "--methods", "exact,magic"], "unknown method"),
+    (["eigs", *SMALL, "--hutchinson-samples", "0"], "--hutchinson-samples is 0"),
+])
+def test_bad_input_one_line_error_no_file(capsys, tmp_path, argv, match):
+    js = tmp_path / "r.json"
+    code, out, err = run(capsys, *argv, "--json", str(js))
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and match in last
+    assert "Traceback" not in err
+    assert not js.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_mismatch_and_nan(capsys, tmp_path, ckpt):
+    code, _, err = run(capsys, "eigs", *SMALL[:2], "--hidden", "7", "--checkpoint", str(ckpt))
+    assert code == 2 and "mlp 64-6-10 relu" in err and "mlp 64-7-10 relu" in err
+    tensors = load_file(str(ckpt))
+    tensors["Dense_1/bias"][2] = np.nan
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt), framework="numpy") as f:
+        meta = f.metadata()
+    bad = tmp_path / "nan.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    code, _, err = run(capsys, "eigs", *SMALL, "--checkpoint", str(bad))
+    assert code == 2 and "Dense_1/bias" in err and "NaN or Inf" in err
+
+
+def test_dense_that_will_not_fit_is_refused_before_work(capsys, monkeypatch):
+    import jax_impl.materialize as mat
+
+    monkeypatch.setattr(mat, "available_bytes", lambda device=None: 1000)
+    code, _, err = run(capsys, "eigs", *SMALL)
+    assert code == 2 and "will not fit" not in err and "GiB" in err and "lanczos" in err
+    assert "training" not in err  # refused before any training
