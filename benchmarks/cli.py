@@ -12,6 +12,8 @@ COMMANDS = {
     "eigs": ("top-k Hessian eigenvalues: exact, Lanczos, power iteration", ["exact", "lanczos", "power"]),
     "trace": ("Hessian trace: exact and Hutchinson", ["exact", "hutchinson"]),
     "density": ("spectral density by SLQ next to the exact eigenvalues", ["exact", "slq"]),
+    "crosscheck": ("JAX against PyTorch on the same weights: loss, gradient, Hvps, Hessian, PyHessian",
+                   ["exact", "torch:exact", "lanczos", "power", "pyhessian", "hutchinson", "pyhessian:trace"]),
 }
 
 
@@ -51,6 +53,8 @@ def add_method_flags(p: argparse.ArgumentParser, default_methods) -> None:
     g.add_argument("--hutchinson-samples", type=int, default=100, help="Rademacher probes (default 100)")
     g.add_argument("--slq-steps", type=int, default=100, help="Lanczos steps per SLQ run (default 100)")
     g.add_argument("--slq-runs", type=int, default=1, help="SLQ runs (PyHessian's n_v, default 1)")
+    g.add_argument("--pyhessian-trace-tol", type=float, default=1e-3,
+                   help="PyHessian trace's tol (default 1e-3; 0 uses all --hutchinson-samples probes)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -81,7 +85,8 @@ def options_from(args):
 def run(args) -> int:
     from benchmarks import record as rec
     from benchmarks.context import Context, log
-    from benchmarks.methods import METHODS, preflight, run_methods
+    from benchmarks.methods import preflight, run_methods
+    from benchmarks.registry import resolve
     from jax_impl.checkpoint import save_checkpoint
 
     ctx = Context(options_from(args))
@@ -92,17 +97,18 @@ def run(args) -> int:
         print(f"{ctx.spec.describe()}: train accuracy {ctx.train_info['train_accuracy']:.4f}, "
               f"test accuracy {ctx.train_info['test_accuracy']:.4f} -> {args.out}")
         return 0
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown:
-        raise HessianApproxError(f"unknown method(s) {', '.join(unknown)}",
-                                 f"choose from {', '.join(METHODS)}")
+    names, _ = resolve([m.strip() for m in args.methods.split(",") if m.strip()])
     _ = ctx.subset  # a bad --hessian-samples fails here, before any training
     preflight(ctx, names)
     record = rec.new_record(args.command, ctx.provenance())
     run_methods(ctx, names, record)
     record["comparisons"] = rec.compare_to_reference(record, "exact", ctx.options.k)
     print(rec.format_table(record))
+    if args.command == "crosscheck":
+        from benchmarks.crosscheck import crosscheck, format_crosscheck
+
+        record["crosscheck"] = crosscheck(ctx)
+        print(format_crosscheck(record["crosscheck"]))
     if args.json:
         rec.write_json(args.json, record)
         log(f"wrote {args.json}")

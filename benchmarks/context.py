@@ -52,6 +52,7 @@ class Options:
     slq_steps: int = 100
     slq_runs: int = 1
     mc_samples: int = 1
+    pyhessian_trace_tol: float = 1e-3
 
     def __post_init__(self):
         if self.dtype not in ("float32", "float64"):

@@ -1,0 +1,99 @@
+"""PyTorch reference methods (torch:exact, PyHessian, BackPACK) for the method table; registered only when torch imports."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from benchmarks.methods import check_k, method
+
+
+def twin(ctx):
+    """(torch model with the run's weights, x (n, D), y (n,)) built once per Context through the bridge."""
+    if "_twin" not in ctx.__dict__:
+        import torch
+
+        from bridge.convert import load_into_torch
+        from torch_ref.models import build_twin
+
+        dtype = torch.float64 if ctx.options.dtype == "float64" else torch.float32
+        model = load_into_torch(build_twin(ctx.spec.to_dict(), dtype), ctx.params, ctx.spec)
+        x, y = ctx.subset
+        ctx.__dict__["_twin"] = (model, np.asarray(x, np.dtype(ctx.options.dtype)), np.asarray(y))
+    return ctx.__dict__["_twin"]
+
+
+def torch_hessian(ctx) -> tuple[np.ndarray, float]:
+    """(dense Hessian in torch flat order, seconds), cached."""
+    if "_torch_hessian" not in ctx.__dict__:
+        from torch_ref import exact
+
+        model, x, y = twin(ctx)
+        t0 = time.perf_counter()
+        h = exact.hessian(model, x, y, ctx.options.loss)
+        ctx.__dict__["_torch_hessian"] = (h, time.perf_counter() - t0)
+    return ctx.__dict__["_torch_hessian"]
+
+
+def check_torch_dense(ctx) -> None:
+    from torch_ref.exact import check_memory
+
+    check_memory(ctx.spec.num_params, np.dtype(ctx.options.dtype).itemsize)
+
+
+@method("torch:exact", "PyTorch: dense Hessian by autodiff twice (fastest of torch.func/autograd/loop), eigvalsh, trace",
+        check_torch_dense)
+def torch_exact(ctx):
+    import torch
+
+    from torch_ref.exact import DEFAULT_METHOD
+
+    h, t_dense = torch_hessian(ctx)
+    t0 = time.perf_counter()
+    evals = torch.linalg.eigvalsh(torch.from_numpy(h)).numpy()[::-1]
+    t_eig = time.perf_counter() - t0
+    return {"eigenvalues": evals[: ctx.options.k].tolist(), "spectrum": evals.tolist(),
+            "trace": float(np.trace(h)), "seconds": t_dense + t_eig, "seconds_dense": t_dense,
+            "seconds_eigh": t_eig, "matvecs": int(h.shape[0]), "hessian_method": DEFAULT_METHOD}
+
+
+@method("pyhessian", "PyHessian: top-k eigenvalues by power iteration with deflation", check_k)
+def pyhessian_eigs(ctx):
+    from torch_ref import pyhessian_runner
+
+    model, x, y = twin(ctx)
+    o = ctx.options
+    r = pyhessian_runner.top_eigenvalues(model, x, y, o.loss, k=o.k, max_iter=o.power_max_iter,
+                                         tol=o.power_tol, seed=o.seed)
+    return {"eigenvalues": np.sort(r["eigenvalues"])[::-1].tolist(),
+            "eigenvalues_found_order": r["eigenvalues"].tolist(), "matvecs": r["matvecs"],
+            "seconds": r["seconds"], "settings": r["settings"]}
+
+
+@method("pyhessian:trace", "PyHessian: Hutchinson trace with its own stopping rule (maxIter, tol)")
+def pyhessian_trace(ctx):
+    from torch_ref import pyhessian_runner
+
+    model, x, y = twin(ctx)
+    o = ctx.options
+    r = pyhessian_runner.trace(model, x, y, o.loss, max_iter=o.hutchinson_samples, tol=o.pyhessian_trace_tol,
+                               seed=o.seed)
+    est = np.asarray(r["estimates"])
+    stderr = float(est.std(ddof=1) / np.sqrt(len(est))) if len(est) > 1 else None
+    return {"trace": r["trace"], "stderr": stderr, "estimates": r["estimates"], "matvecs": r["matvecs"],
+            "seconds": r["seconds"], "settings": r["settings"]}
+
+
+@method("pyhessian:density", "PyHessian: SLQ density (through the torch.eig compatibility layer)")
+def pyhessian_density(ctx):
+    from torch_ref import pyhessian_runner
+
+    model, x, y = twin(ctx)
+    o = ctx.options
+    r = pyhessian_runner.density(model, x, y, o.loss, iters=o.slq_steps, n_v=o.slq_runs, seed=o.seed)
+    nodes, weights = np.asarray(r["nodes"]), np.asarray(r["weights"])
+    return {"nodes": nodes.tolist(), "weights": weights.tolist(),
+            "trace": float(ctx.problem.dim * np.mean(np.sum(nodes * weights, axis=1))),
+            "eigenvalues": [float(np.mean(nodes.max(axis=1)))], "matvecs": r["matvecs"],
+            "seconds": r["seconds"], "settings": r.get("settings", {})}
