@@ -1,0 +1,160 @@
+"""Flax-layout safetensors weight files read into, and written from, the torch twin without importing JAX.
+
+The file format is ``jax_impl.checkpoint``'s: tensors "Dense_i/kernel" (in, out) and
+"Dense_i/bias" (out,), metadata {"spec": ModelSpec JSON, "layout": "flax", "metadata": JSON}.
+Either side loads what the other wrote. Imports numpy, safetensors and (inside the functions)
+torch and torch_ref.models; never jax or flax.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bridge.convert import flax_to_torch, spec_dict, state_dict_from_torch, torch_to_flax
+from jax_impl.errors import HessianApproxError, check_finite
+
+LAYOUT = "flax"  # as jax_impl.checkpoint.LAYOUT
+
+
+def _torch_dtype(dtype, stored: np.dtype):
+    """A torch dtype from None (the file's dtype), a torch dtype, or a name/numpy dtype ("float64")."""
+    import torch
+
+    if dtype is None:
+        dtype = stored
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = str(dtype).removeprefix("torch.")
+    result = getattr(torch, name, None)
+    if not isinstance(result, torch.dtype) or not result.is_floating_point:
+        raise HessianApproxError(f"dtype {dtype!r} is not a torch floating-point dtype",
+                                 "pass torch.float32, torch.float64 or None (the file's dtype)")
+    return result
+
+
+def read_flax_file(path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any], dict]:
+    """Read a Flax-layout weight file without JAX.
+
+    Returns:
+      (params {"Dense_i": {"bias": (out,), "kernel": (in, out)}} numpy, spec dict, metadata dict).
+    Raises:
+      HessianApproxError when the file is missing, unreadable, not in the Flax layout, holds no
+      spec, does not match its spec (naming the tensor and its expected shape) or holds NaN/Inf.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise HessianApproxError(f"weight file {path} does not exist",
+                                 "run `hessian-approx train` first or fix --checkpoint")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise HessianApproxError(f"weight file {path} is not a readable safetensors file ({err})",
+                                 "re-create it with `hessian-approx train`") from None
+    if "spec" not in meta:
+        raise HessianApproxError(f"weight file {path} has no model spec in its metadata",
+                                 "save it with jax_impl.checkpoint.save_checkpoint or bridge.weights.save_from_torch")
+    layout = meta.get("layout", LAYOUT)
+    if layout != LAYOUT:
+        raise HessianApproxError(f"weight file {path} has layout {layout!r}, expected {LAYOUT!r}",
+                                 "save it with jax_impl.checkpoint.save_checkpoint or bridge.weights.save_from_torch")
+    try:
+        spec = json.loads(meta["spec"])
+        metadata = json.loads(meta.get("metadata", "{}"))
+    except json.JSONDecodeError as err:
+        raise HessianApproxError(f"weight file {path} has malformed JSON metadata ({err})",
+                                 "re-create it with `hessian-approx train`") from None
+    tree: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        layer, _, leaf = key.partition("/")
+        if not leaf:
+            raise HessianApproxError(f"weight file {path} holds tensor {key!r}, not named 'Dense_i/kernel' or "
+                                     "'Dense_i/bias'", "re-create it with `hessian-approx train`")
+        check_finite(f"the weights {key} in {path}", value)
+        tree.setdefault(layer, {})[leaf] = value
+    try:
+        flax_to_torch(tree, spec)  # validates every layer, leaf and shape against the spec
+    except HessianApproxError as err:
+        raise HessianApproxError(f"weight file {path} does not match its spec: {err.problem}", err.fix) from None
+    return tree, spec, metadata
+
+
+def load_torch_twin(path, dtype=None):
+    """The torch twin of a Flax-layout weight file, with its weights.
+
+    Args:
+      path: a safetensors file written by ``jax_impl.checkpoint.save_checkpoint`` or ``save_from_torch``.
+      dtype: the twin's dtype: None (default) keeps the file's dtype; else a torch dtype or a name
+        such as "float64".
+    Returns:
+      (model, spec_dict, metadata): ``model`` the ``nn.Sequential`` from ``torch_ref.models.build_twin``
+      holding the file's weights (weight (out, in) = kernelᵀ), ``spec_dict`` the stored ModelSpec
+      dict, ``metadata`` the stored provenance dict.
+    """
+    import torch
+
+    from torch_ref.models import build_twin
+
+    tree, spec, metadata = read_flax_file(path)
+    stored = next(iter(next(iter(tree.values())).values())).dtype
+    model = build_twin(spec, _torch_dtype(dtype, stored))
+    state = flax_to_torch(tree, spec)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in state.items():
+            named[key].copy_(torch.from_numpy(value))
+    return model, spec, metadata
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_from_torch(path, model, spec, metadata: dict | None = None) -> None:
+    """Write the twin's weights to ``path`` in the Flax layout (atomically: temp file + rename).
+
+    Args:
+      path: destination .safetensors file (parents are created).
+      model: the ``nn.Sequential`` twin of ``spec``; checked layer by layer.
+      spec: the ModelSpec dict (or ModelSpec); stored as sorted-key JSON, as ModelSpec.to_json does.
+      metadata: JSON-serializable provenance, stored under "metadata".
+    Raises:
+      HessianApproxError naming the layer when the model does not match the spec, or the tensor
+      when a weight holds NaN/Inf.
+    """
+    from safetensors.numpy import save_file
+
+    d = spec_dict(spec)
+    tree = torch_to_flax(state_dict_from_torch(model, d), d)
+    tensors = {f"{layer}/{leaf}": np.ascontiguousarray(value)
+               for layer, leaves in tree.items() for leaf, value in leaves.items()}
+    for key, value in tensors.items():
+        check_finite(f"the weights {key}", value)
+    try:
+        meta = {"spec": json.dumps(d, sort_keys=True), "layout": LAYOUT, "metadata": json.dumps(metadata or {})}
+    except TypeError as err:
+        raise HessianApproxError(f"the metadata is not JSON-serializable ({err})",
+                                 "pass plain dicts, lists, strings and numbers") from None
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
