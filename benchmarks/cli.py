@@ -12,6 +12,10 @@ COMMANDS = {
     "eigs": ("top-k Hessian eigenvalues: exact, Lanczos, power iteration", ["exact", "lanczos", "power"]),
     "trace": ("Hessian trace: exact and Hutchinson", ["exact", "hutchinson"]),
     "density": ("spectral density by SLQ next to the exact eigenvalues", ["exact", "slq"]),
+    "approx": ("structured approximations (JAX and BackPACK) next to the exact Hessian and GGN",
+               ["exact", "ggn", "diag-ggn", "diag-ggn-mc", "diag-h", "kfac", "kflr", "kfra",
+                "backpack:diag-ggn", "backpack:diag-ggn-mc", "backpack:diag-h", "backpack:kfac",
+                "backpack:kflr", "backpack:kfra"]),
     "crosscheck": ("JAX against PyTorch on the same weights: loss, gradient, Hvps, Hessian, PyHessian",
                    ["exact", "torch:exact", "lanczos", "power", "pyhessian", "hutchinson", "pyhessian:trace"]),
 }
@@ -53,6 +57,7 @@ def add_method_flags(p: argparse.ArgumentParser, default_methods) -> None:
     g.add_argument("--hutchinson-samples", type=int, default=100, help="Rademacher probes (default 100)")
     g.add_argument("--slq-steps", type=int, default=100, help="Lanczos steps per SLQ run (default 100)")
     g.add_argument("--slq-runs", type=int, default=1, help="SLQ runs (PyHessian's n_v, default 1)")
+    g.add_argument("--mc-samples", type=int, default=1, help="Monte-Carlo samples for diag-ggn-mc and kfac (default 1)")
     g.add_argument("--pyhessian-trace-tol", type=float, default=1e-3,
                    help="PyHessian trace's tol (default 1e-3; 0 uses all --hutchinson-samples probes)")
 
@@ -66,6 +71,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="checkpoint path to write (.safetensors)")
     for name, (helptext, methods) in COMMANDS.items():
         add_method_flags(add_and_return(sub, name, helptext), methods)
+    r = add_and_return(sub, "reproduce", "the study end to end: results.json, report.md and figures in --out")
+    add_method_flags(r, [])
+    r.add_argument("--out", default="out/reproduce", help="output directory (default out/reproduce)")
+    r.add_argument("--sweep-samples", type=int, default=1000, help="largest probe count of the Hutchinson sweep")
+    r.add_argument("--sweep-seeds", type=int, default=10, help="independent seeds of the Hutchinson sweep")
     return p
 
 
@@ -96,6 +106,17 @@ def run(args) -> int:
         log(f"wrote {args.out}")
         print(f"{ctx.spec.describe()}: train accuracy {ctx.train_info['train_accuracy']:.4f}, "
               f"test accuracy {ctx.train_info['test_accuracy']:.4f} -> {args.out}")
+        return 0
+    if args.command == "reproduce":
+        from benchmarks.reproduce import reproduce
+
+        record = reproduce(ctx, args.out, args.sweep_samples, args.sweep_seeds)
+        print(rec.format_table(record))
+        from benchmarks.report import report_markdown
+
+        print("\n".join(l for l in report_markdown(rec.to_jsonable(record)).splitlines()
+                         if l.startswith("- ") and ("held" in l or "checked" in l)))
+        log(f"wrote {args.out}/results.json, report.md and 4 figures")
         return 0
     names, _ = resolve([m.strip() for m in args.methods.split(",") if m.strip()])
     _ = ctx.subset  # a bad --hessian-samples fails here, before any training

@@ -48,14 +48,14 @@ def resolve(names, missing_torch: str = "error") -> tuple[list[str], dict]:
     table = load()
     run, skipped = [], {}
     for name in names:
-        if name in table:
-            run.append(name)
-        elif is_torch_method(name) and torch_available() is not None:
+        if is_torch_method(name) and torch_available() is not None:
             reason = "the torch extra is not installed (pip install 'hessian-approx[torch]')"
             if missing_torch == "error":
                 raise HessianApproxError(f"method {name} needs PyTorch, but {reason.split(' (')[0]}",
                                          "pip install 'hessian-approx[torch]' in this environment")
             skipped[name] = reason
+        elif name in table:
+            run.append(name)
         else:
             raise HessianApproxError(f"unknown method {name!r}", f"choose from {', '.join(table)}")
     return run, skipped

@@ -1,0 +1,79 @@
+"""The study end to end: train or load, every method in both frameworks, a Hutchinson sweep, figures and report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from benchmarks import record as rec
+from benchmarks.context import Context, log, progress_bar
+from benchmarks.methods import preflight, run_methods
+from benchmarks.registry import resolve
+from jax_impl import algorithms
+from jax_impl.checkpoint import atomic_write, save_checkpoint
+
+APPROX = ("diag-ggn", "diag-ggn-mc", "diag-h", "kfac", "kflr", "kfra")
+METHODS = ["exact", "torch:exact", "ggn", "lanczos", "power", "pyhessian", "hutchinson", "pyhessian:trace",
+           "slq", "pyhessian:density", *APPROX, *(f"backpack:{n}" for n in APPROX)]
+
+
+def sweep_grid(max_samples: int, points: int = 30) -> np.ndarray:
+    """Log-spaced probe counts 1..max_samples (unique integers)."""
+    return np.unique(np.round(np.logspace(0, np.log10(max_samples), points)).astype(int))
+
+
+def hutchinson_sweep(ctx, max_samples: int = 1000, seeds: int = 10) -> dict:
+    """Running Hutchinson means for ``seeds`` independent probe streams, summarized on a log grid.
+
+    Returns {"num_samples": grid, "mean", "std", "min", "max" (over seeds, per grid point),
+    "seeds", "max_samples", "seconds"}.
+    """
+    grid = sweep_grid(max_samples)
+    dim = ctx.problem.dim
+    run = jax.jit(lambda key: algorithms.hutchinson(ctx.hvp, dim, key, num_samples=max_samples).running_mean)
+    t0 = time.perf_counter()
+    bar = progress_bar(seeds, "Hutchinson sweep")
+    means = []
+    for s in range(seeds):
+        means.append(np.asarray(run(jax.random.fold_in(ctx.key("hutchinson-sweep"), s)))[grid - 1])
+        bar.update(1)
+    bar.close()
+    m = np.stack(means)
+    return {"num_samples": grid.tolist(), "mean": m.mean(0).tolist(), "std": m.std(0, ddof=1).tolist(),
+            "min": m.min(0).tolist(), "max": m.max(0).tolist(), "seeds": seeds, "max_samples": max_samples,
+            "seconds": time.perf_counter() - t0}
+
+
+def reproduce(ctx: Context, out_dir, sweep_samples: int = 1000, sweep_seeds: int = 10) -> dict:
+    """Run the study into ``out_dir``: results.json, report.md, four figures, model.safetensors."""
+    from benchmarks.figures import draw_all
+    from benchmarks.report import report_markdown
+
+    out = Path(out_dir)
+    names, skipped = resolve(METHODS, missing_torch="skip")
+    _ = ctx.subset
+    preflight(ctx, names)
+    t0 = time.perf_counter()
+    record = rec.new_record("reproduce", ctx.provenance())
+    if not ctx.options.checkpoint:
+        save_checkpoint(out / "model.safetensors", ctx.params, ctx.spec,
+                        {**ctx.train_info, **ctx.dataset.provenance()})
+    run_methods(ctx, names, record, on_error="record")
+    for name, why in skipped.items():
+        record["results"][name] = {"status": "not run", "reason": why}
+    log(f"Hutchinson sweep: 1..{sweep_samples} probes x {sweep_seeds} seeds")
+    record["hutchinson_sweep"] = hutchinson_sweep(ctx, sweep_samples, sweep_seeds)
+    record["comparisons"] = rec.compare_to_reference(record, "exact", ctx.options.k)
+    if not skipped and "torch:exact" in names:
+        from benchmarks.crosscheck import crosscheck
+
+        record["crosscheck"] = crosscheck(ctx)
+    record["total_seconds"] = time.perf_counter() - t0
+    rec.write_json(out / "results.json", record)
+    draw_all(rec.to_jsonable(record), out)
+    text = report_markdown(rec.to_jsonable(record))
+    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))
+    return record
