@@ -76,6 +76,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="out/reproduce", help="output directory (default out/reproduce)")
     r.add_argument("--sweep-samples", type=int, default=1000, help="largest probe count of the Hutchinson sweep")
     r.add_argument("--sweep-seeds", type=int, default=10, help="independent seeds of the Hutchinson sweep")
+    b = add_and_return(sub, "bench", "side-by-side timings JAX vs PyTorch, ratios against targets, width sweep")
+    b.add_argument("--repeats", type=int, default=5, help="timed runs per item after a warm-up (default 5)")
+    b.add_argument("--widths", type=_ints, default=(10, 32, 64, 128, 256), help="hidden widths of the sweep")
+    b.add_argument("--max-exact-dim", type=int, default=26000, help="largest model for the exact Hessian in the sweep")
+    b.add_argument("--out", default="benchmarks/results", help="where bench_<time>.json and bench.csv go")
     return p
 
 
@@ -106,6 +111,12 @@ def run(args) -> int:
         log(f"wrote {args.out}")
         print(f"{ctx.spec.describe()}: train accuracy {ctx.train_info['train_accuracy']:.4f}, "
               f"test accuracy {ctx.train_info['test_accuracy']:.4f} -> {args.out}")
+        return 0
+    if args.command == "bench":
+        from benchmarks.bench import format_bench, run_bench
+
+        result = run_bench(ctx.options, args.repeats, args.widths, args.max_exact_dim, args.out)
+        print(format_bench(result))
         return 0
     if args.command == "reproduce":
         from benchmarks.reproduce import reproduce

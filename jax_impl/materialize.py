@@ -52,12 +52,39 @@ def check_fits(dim: int, dtype, chunk_size: int = 256, what: str = "dense matrix
         )
 
 
+def dense_fn(matvec: Callable, dim: int, dtype=jnp.float32, chunk_size: int = 256) -> Callable:
+    """A reusable ``build(progress=None) -> (dim, dim) numpy`` for the operator ``matvec``.
+
+    The vmapped, jitted chunk kernel is compiled once on the first call and reused
+    by later calls (what repeated timings need); see ``dense`` for the arguments.
+    """
+    chunk_size = max(1, min(int(chunk_size), dim))
+    batched = jax.jit(jax.vmap(matvec))
+    np_dtype = np.dtype(dtype)
+
+    def build(progress: Callable[[int], None] | None = None) -> np.ndarray:
+        out = np.empty((dim, dim), dtype=np_dtype)
+        for start in range(0, dim, chunk_size):
+            cols = np.arange(start, start + chunk_size)
+            valid = cols < dim
+            basis = np.zeros((chunk_size, dim), dtype=np_dtype)
+            basis[np.nonzero(valid)[0], cols[valid]] = 1
+            block = np.asarray(batched(basis))[valid]  # (c, d): row i is M e_{start+i}
+            out[:, start:start + len(block)] = block.T
+            if progress is not None:
+                progress(start + len(block))
+        return out
+
+    return build
+
+
 def dense(matvec: Callable, dim: int, dtype=jnp.float32, chunk_size: int = 256,
           progress: Callable[[int], None] | None = None, available: int | None = None) -> np.ndarray:
     """Materialize the (dim, dim) matrix whose columns are ``matvec(e_j)``.
 
     Columns are computed ``chunk_size`` at a time by a jitted vmap over identity
-    columns; the last chunk is padded so there is one compilation.
+    columns; the last chunk is padded so there is one compilation. The memory
+    needed is checked first (HessianApproxError naming the bytes when it will not fit).
 
     Args:
       matvec: flat (dim,) -> (dim,) linear map.
@@ -69,17 +96,5 @@ def dense(matvec: Callable, dim: int, dtype=jnp.float32, chunk_size: int = 256,
     Returns:
       numpy array (d, d), M[:, j] = matvec(e_j).
     """
-    chunk_size = max(1, min(int(chunk_size), dim))
-    check_fits(dim, dtype, chunk_size, available=available)
-    batched = jax.jit(jax.vmap(matvec))
-    out = np.empty((dim, dim), dtype=np.dtype(dtype))
-    for start in range(0, dim, chunk_size):
-        cols = np.arange(start, start + chunk_size)
-        valid = cols < dim
-        basis = np.zeros((chunk_size, dim), dtype=np.dtype(dtype))
-        basis[np.nonzero(valid)[0], cols[valid]] = 1
-        block = np.asarray(batched(basis))[valid]  # (c, d): row i is M e_{start+i}
-        out[:, start:start + len(block)] = block.T
-        if progress is not None:
-            progress(start + len(block))
-    return out
+    check_fits(dim, dtype, max(1, min(int(chunk_size), dim)), available=available)
+    return dense_fn(matvec, dim, dtype, chunk_size)(progress)

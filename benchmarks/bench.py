@@ -1,0 +1,252 @@
+"""Side-by-side timings, JAX against PyTorch (PyHessian, BackPACK), in one run: ratios, peak memory, a width sweep.
+
+Every timed item is the median of ``repeats`` runs after one warm-up (JAX compilation
+excluded), with min, max and the peak resident memory above the start. Results go to
+``<out>/bench_<stamp>.json`` and are appended to ``<out>/bench.csv`` with the machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.context import Context, Options, log
+from benchmarks.record import machine, to_jsonable, versions
+from benchmarks.timing import measure
+from jax_impl import algorithms, operators
+from jax_impl.approx import APPROXIMATIONS
+from jax_impl.materialize import dense, dense_fn
+
+TARGETS = {  # (JAX item, PyTorch item, required speed-up): from issue 5
+    "top-10 eigenvalues, matched accuracy": ("lanczos_top10_matched", "pyhessian_top10_matched", 10.0),
+    "exact Hessian": ("jax_exact_hessian", "torch_exact_hessian", 3.0),
+    "Hutchinson, same probe count": ("jax_hutchinson", "pyhessian_trace", 3.0),
+}
+
+
+def max_rel(a, exact) -> float:
+    a = np.sort(np.asarray(a, float))[::-1]
+    return float(np.max(np.abs(a - exact[: len(a)]) / np.abs(exact[: len(a)])))
+
+
+def matched_accuracy(run, settings, exact, target=1e-3):
+    """The first setting whose top eigenvalues are all within ``target`` relative of exact."""
+    for s in settings:
+        eigs, matvecs = run(s)
+        err = max_rel(eigs, exact)
+        log(f"  setting {s}: max rel err {err:.2e}, {matvecs} Hvps")
+        if err <= target:
+            return s, err, matvecs
+    return s, err, matvecs
+
+
+def core_items(ctx: Context, repeats: int, torch_ok: bool) -> tuple[dict, dict]:
+    """Timings and accuracy notes on ctx's network: Hvp, exact Hessian, eigh, top-10, trace, approximations."""
+    prob, dim, hvp = ctx.problem, ctx.problem.dim, ctx.hvp
+    key = jax.random.PRNGKey(ctx.options.seed)
+    v = np.random.default_rng(0).standard_normal(dim).astype(np.float32)
+    t, notes = {}, {}
+    log("Hvp")
+    t["jax_hvp"] = measure(lambda: hvp(v), repeats=max(repeats, 20))
+    log("exact Hessian")
+    build = dense_fn(operators.hvp(prob), dim, ctx.dtype)
+    t["jax_exact_hessian"] = measure(build, repeats)
+    h = jnp.asarray(build())
+    flat = prob.flat_params
+    whole = jax.jit(jax.hessian(lambda f: operators.loss(operators.Problem(prob.apply, prob.ell, prob.unravel(f),
+                                                                            prob.batches))))
+    t["jax_exact_hessian_jax.hessian"] = measure(lambda: whole(flat), repeats)
+    log("full eigendecomposition")
+    eigvalsh = jax.jit(algorithms.eigvalsh_descending)
+    t["jax_eigvalsh"] = measure(lambda: eigvalsh(h), repeats)
+    eigh = jax.jit(algorithms.eigh_descending)
+    t["jax_eigh_with_vectors"] = measure(lambda: eigh(h), repeats)
+    exact = np.asarray(eigvalsh(h), np.float64)
+    k = 10
+    log("top-10 at matched accuracy (all ten within 1e-3 relative of exact)")
+    lan = {}
+
+    def run_lanczos(steps):
+        lan[steps] = jax.jit(lambda kk: algorithms.lanczos(hvp, dim, kk, k=k, num_steps=steps))
+        return np.asarray(lan[steps](key).eigenvalues), steps
+
+    steps, err, mv = matched_accuracy(run_lanczos, [20, 25, 30, 40, 60, 80, 120], exact)
+    notes["lanczos_top10_matched"] = {"num_steps": steps, "max_rel_err": err, "hvps": mv}
+    t["lanczos_top10_matched"] = measure(lambda: lan[steps](key), repeats)
+    pw = {}
+
+    def run_power(tol):
+        pw[tol] = jax.jit(lambda kk: algorithms.power_iteration(hvp, dim, kk, k=k, max_iter=1000, tol=tol))
+        r = pw[tol](key)
+        return np.asarray(r.eigenvalues), int(r.matvecs)
+
+    tol, err, mv = matched_accuracy(run_power, [1e-3, 1e-4, 1e-5, 1e-6], exact)
+    notes["power_top10_matched"] = {"tol": tol, "max_iter": 1000, "max_rel_err": err, "hvps": mv}
+    t["power_top10_matched"] = measure(lambda: pw[tol](key), repeats)
+    log("Hutchinson, 100 probes")
+    hut = jax.jit(lambda kk: algorithms.hutchinson(hvp, dim, kk, num_samples=100))
+    t["jax_hutchinson"] = measure(lambda: hut(key), repeats)
+    log("approximations (JAX end to end, jitted)")
+    for name, fn in APPROXIMATIONS.items():
+        f = jax.jit(lambda kk, fn=fn: fn(prob, ctx.spec, kk, 1))
+        t[f"jax_{name}"] = measure(lambda: f(key), repeats)
+    if torch_ok:
+        torch_items(ctx, repeats, exact, t, notes)
+    return t, notes
+
+
+def torch_items(ctx, repeats, exact, t, notes) -> None:
+    import torch
+
+    from benchmarks.methods_torch import twin
+    from torch_ref import exact as texact
+    from torch_ref import pyhessian_runner
+    from torch_ref.backpack_runner import run_backpack
+
+    model, x, y = twin(ctx)
+    loss = ctx.options.loss
+    dim = ctx.problem.dim
+    v = np.random.default_rng(0).standard_normal(dim).astype(np.float32)
+    log("PyTorch Hvp")
+    t["torch_hvp"] = measure(lambda: texact.hvp(model, x, y, loss, v), repeats=max(repeats, 20))
+    log("PyTorch exact Hessian, three ways")
+    for way in texact.METHODS:
+        t[f"torch_exact_hessian_{way}"] = measure(lambda w=way: texact.hessian(model, x, y, loss, method=w), repeats)
+    fastest = min(texact.METHODS, key=lambda w: t[f"torch_exact_hessian_{w}"]["median"])
+    t["torch_exact_hessian"] = {**t[f"torch_exact_hessian_{fastest}"], "way": fastest}
+    h = torch.from_numpy(texact.hessian(model, x, y, loss))
+    t["torch_eigvalsh"] = measure(lambda: torch.linalg.eigvalsh(h), repeats)
+    log("PyHessian top-10, tightening tol until all ten are within 1e-3 relative")
+
+    def run_ph(tol):
+        r = pyhessian_runner.top_eigenvalues(model, x, y, loss, k=10, max_iter=1000, tol=tol, seed=0)
+        return r["eigenvalues"], r["matvecs"]
+
+    tol, err, mv = matched_accuracy(run_ph, [1e-3, 1e-4, 1e-5, 1e-6], exact)
+    notes["pyhessian_top10_matched"] = {"tol": tol, "max_iter": 1000, "max_rel_err": err, "hvps": mv}
+    t["pyhessian_top10_matched"] = measure(lambda: run_ph(tol), max(3, repeats // 2 + 1) if repeats > 5 else repeats)
+    log("PyHessian trace, 100 probes (tol 0: all probes used)")
+    t["pyhessian_trace"] = measure(lambda: pyhessian_runner.trace(model, x, y, loss, max_iter=100, tol=0.0), repeats)
+    log("BackPACK approximations (one forward and backward with the extension)")
+    bp_model = copy.deepcopy(model)
+    for name in APPROXIMATIONS:
+        t[f"backpack_{name}"] = measure(lambda n=name: run_backpack(bp_model, x, y, loss, n), repeats)
+
+
+def ratios(t: dict) -> dict:
+    """PyTorch median / JAX median for every pair measured (>1: JAX faster)."""
+    pairs = {"hvp": ("jax_hvp", "torch_hvp"), "exact Hessian": ("jax_exact_hessian", "torch_exact_hessian"),
+             "full eigendecomposition": ("jax_eigvalsh", "torch_eigvalsh"),
+             "top-10 eigenvalues, matched accuracy (Lanczos)": ("lanczos_top10_matched", "pyhessian_top10_matched"),
+             "top-10 eigenvalues, matched accuracy (power)": ("power_top10_matched", "pyhessian_top10_matched"),
+             "Hutchinson, same probe count": ("jax_hutchinson", "pyhessian_trace")}
+    for name in APPROXIMATIONS:
+        pairs[f"approximation {name}"] = (f"jax_{name}", f"backpack_{name}")
+    return {k: t[b]["median"] / t[a]["median"] for k, (a, b) in pairs.items() if a in t and b in t}
+
+
+def width_sweep(base: Options, widths, repeats: int, max_exact_dim: int, torch_ok: bool) -> list[dict]:
+    """Matrix-free methods (and the exact Hessian while it fits) against hidden width."""
+    rows = []
+    for w in widths:
+        ctx = Context(Options(**{**base.__dict__, "hidden": (w,), "epochs": 1}))
+        dim, hvp = ctx.problem.dim, ctx.hvp
+        key = jax.random.PRNGKey(0)
+        log(f"width {w}: {dim} parameters")
+        v = np.ones(dim, np.float32)
+        row = {"width": w, "num_params": dim, "jax_hvp": measure(lambda: hvp(v), repeats)}
+        lan = jax.jit(lambda kk: algorithms.lanczos(hvp, dim, kk, k=10, num_steps=40))
+        row["jax_lanczos40"] = measure(lambda: lan(key), repeats)
+        hut = jax.jit(lambda kk: algorithms.hutchinson(hvp, dim, kk, num_samples=100))
+        row["jax_hutchinson100"] = measure(lambda: hut(key), repeats)
+        if dim <= max_exact_dim:
+            row["jax_exact_hessian"] = measure(dense_fn(operators.hvp(ctx.problem), dim, ctx.dtype), 1)
+        if torch_ok:
+            from benchmarks.methods_torch import twin
+            from torch_ref import exact as texact
+            from torch_ref import pyhessian_runner
+
+            model, x, y = twin(ctx)
+            row["torch_hvp"] = measure(lambda: texact.hvp(model, x, y, ctx.options.loss, v), repeats)
+            row["pyhessian_trace100"] = measure(
+                lambda: pyhessian_runner.trace(model, x, y, ctx.options.loss, max_iter=100, tol=0.0), 1)
+            if dim <= max_exact_dim:
+                row["torch_exact_hessian"] = measure(lambda: texact.hessian(model, x, y, ctx.options.loss), 1)
+        rows.append(row)
+    return rows
+
+
+def run_bench(options: Options, repeats: int = 5, widths=(10, 32, 64, 128, 256), max_exact_dim: int = 26000,
+              out_dir="benchmarks/results") -> dict:
+    from benchmarks.registry import torch_available
+
+    torch_ok = torch_available() is None
+    ctx = Context(options)
+    log(f"bench: {ctx.spec.describe()} ({ctx.problem.dim} parameters), {options.hessian_samples} samples, "
+        f"{repeats} repeats after a warm-up, torch {'on' if torch_ok else 'not installed'}")
+    t, notes = core_items(ctx, repeats, torch_ok)
+    result = {"benchmark": "bench", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": machine(), "devices": [str(d) for d in jax.devices()], "versions": versions(),
+              "provenance": ctx.provenance(), "repeats": repeats, "timings": t, "notes": notes,
+              "ratios_torch_over_jax": ratios(t)}
+    result["targets"] = {name: {"ratio": result["ratios_torch_over_jax"].get(
+        "top-10 eigenvalues, matched accuracy (Lanczos)" if "top-10" in name else name), "required": req}
+        for name, (_, _, req) in TARGETS.items()}
+    for name in APPROXIMATIONS:
+        result["targets"][f"approximation {name}"] = {
+            "ratio": result["ratios_torch_over_jax"].get(f"approximation {name}"), "required": 1.0}
+    if widths:
+        result["width_sweep"] = width_sweep(options, widths, max(3, repeats // 2), max_exact_dim, torch_ok)
+    write(result, Path(out_dir))
+    return result
+
+
+def write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = result["created"].replace(":", "").replace("-", "")
+    (out / f"bench_{stamp}.json").write_text(json.dumps(to_jsonable(result), indent=1))
+    path = out / "bench.csv"
+    new = not path.exists()
+    p = result["provenance"]
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["created", "machine", "devices", "item", "width", "num_params", "median_s", "min_s", "max_s",
+                        "repeats", "peak_rss_mb", "samples", "dtype"])
+
+        def row(item, tm, width, dim):
+            w.writerow([result["created"], result["machine"], " ".join(result["devices"]), item, width, dim,
+                        f"{tm['median']:.6g}", f"{tm['min']:.6g}", f"{tm['max']:.6g}", tm["repeats"],
+                        f"{tm['peak_rss_bytes'] / 2**20:.1f}", p["hessian_samples"], p["dtype"]])
+
+        for item, tm in result["timings"].items():
+            row(item, tm, p["model_spec"]["hidden"][0], p["num_params"])
+        for r in result.get("width_sweep", []):
+            for item, tm in r.items():
+                if isinstance(tm, dict):
+                    row(item, tm, r["width"], r["num_params"])
+
+
+def format_bench(result: dict) -> str:
+    """Timings and ratios as a table, targets marked met or missed."""
+    lines = [f"{'item':34s}{'median s':>12s}{'min':>10s}{'max':>10s}{'peak MB':>10s}"]
+    for item, tm in result["timings"].items():
+        lines.append(f"{item:34s}{tm['median']:12.4g}{tm['min']:10.4g}{tm['max']:10.4g}"
+                     f"{tm['peak_rss_bytes'] / 2**20:10.1f}")
+    lines.append("")
+    lines.append(f"{'PyTorch / JAX (median ratio)':52s}{'ratio':>8s}{'target':>8s}")
+    for name, r in result["ratios_torch_over_jax"].items():
+        tgt = next((v["required"] for k, v in result["targets"].items() if k == name or
+                    (k.startswith("top-10") and name.startswith("top-10") and "Lanczos" in name)), None)
+        mark = "" if tgt is None else (f"{tgt:>7.0f}x " + ("met" if r >= tgt else "MISSED"))
+        lines.append(f"{name:52s}{r:8.2f}{mark:>16s}")
+    for n, v in result["notes"].items():
+        lines.append(f"{n}: {v}")
+    return "\n".join(lines)
