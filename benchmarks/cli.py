@@ -8,6 +8,7 @@ import sys
 from jax_impl.errors import HessianApproxError
 
 # Each computing command is a default selection of methods from the method table.
+APPROX = ("diag-ggn", "diag-ggn-mc", "diag-h", "kfac", "kflr", "kfra")
 COMMANDS = {
     "eigs": ("top-k Hessian eigenvalues: exact, Lanczos, power iteration", ["exact", "lanczos", "power"]),
     "trace": ("Hessian trace: exact and Hutchinson", ["exact", "hutchinson"]),
@@ -70,7 +71,11 @@ def parser() -> argparse.ArgumentParser:
     add_problem_flags(t)
     t.add_argument("--out", required=True, help="checkpoint path to write (.safetensors)")
     for name, (helptext, methods) in COMMANDS.items():
-        add_method_flags(add_and_return(sub, name, helptext), methods)
+        q = add_and_return(sub, name, helptext)
+        add_method_flags(q, methods)
+        if name == "approx":
+            q.add_argument("--method", default=None, choices=[*APPROX, "all"],
+                           help="one approximation (with BackPACK's counterpart, exact and GGN) or all")
     r = add_and_return(sub, "reproduce", "the study end to end: results.json, report.md and figures in --out")
     add_method_flags(r, [])
     r.add_argument("--out", default="out/reproduce", help="output directory (default out/reproduce)")
@@ -129,7 +134,11 @@ def run(args) -> int:
                          if l.startswith("- ") and ("held" in l or "checked" in l)))
         log(f"wrote {args.out}/results.json, report.md and 4 figures")
         return 0
-    names, _ = resolve([m.strip() for m in args.methods.split(",") if m.strip()])
+    requested = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if getattr(args, "method", None):
+        chosen = APPROX if args.method == "all" else (args.method,)
+        requested = ["exact", "ggn", *chosen, *(f"backpack:{m}" for m in chosen)]
+    names, _ = resolve(requested)
     _ = ctx.subset  # a bad --hessian-samples fails here, before any training
     preflight(ctx, names)
     record = rec.new_record(args.command, ctx.provenance())

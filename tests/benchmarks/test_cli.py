@@ -99,3 +99,16 @@ def test_dense_that_will_not_fit_is_refused_before_work(capsys, monkeypatch):
     code, _, err = run(capsys, "eigs", *SMALL)
     assert code == 2 and "will not fit" not in err and "GiB" in err and "lanczos" in err
     assert "training" not in err  # refused before any training
+
+
+def test_approx_one_method_with_its_backpack_twin(capsys, tmp_path, ckpt):
+    pytest.importorskip("backpack", reason="the torch extra is not installed")
+    js = tmp_path / "a.json"
+    assert run(capsys, "approx", *SMALL, "--checkpoint", str(ckpt), "--method", "diag-h", "--dtype", "float64",
+               "--json", str(js))[0] == 0
+    res = json.loads(js.read_text())["results"]
+    assert set(res) == {"exact", "ggn", "diag-h", "backpack:diag-h"}
+    # the exact Hessian diagonal sums to the exact trace, in both frameworks
+    for name in ("diag-h", "backpack:diag-h"):
+        assert abs(res[name]["trace"] - res["exact"]["trace"]) < 1e-10 * abs(res["exact"]["trace"])
+    assert res["backpack:diag-h"]["vs_jax_rel_err"] < 1e-12
