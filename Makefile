@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # MNIST IDX files: $HESSIAN_APPROX_DATA if set, else ../shared/data/mnist (the checkout's neighbour).
-DATA ?= $(or $(HESSIAN_APPROX_DATA),$(wildcard ../shared/data/mnist))
+DATA ?= $(abspath $(or $(HESSIAN_APPROX_DATA),$(wildcard ../shared/data/mnist)))
 OUT ?= out/reproduce
 # torch is installed in the same pip command as its pin, so backpack-for-pytorch's
 # torchvision requirement resolves against torch 2.13.0 (the CPU wheel on a CPU machine).

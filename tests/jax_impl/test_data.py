@@ -56,6 +56,7 @@ def no_network(monkeypatch):
 def _copy_dir(src, dst, raw=False, skip=()):
     """Link (or, with raw, decompress) the four MNIST files of src into dst."""
     dst.mkdir(exist_ok=True)
+    src = pathlib.Path(src).resolve()  # links must not depend on the working directory
     for s in STEMS:
         if s in skip:
             continue
