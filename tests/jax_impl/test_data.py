@@ -22,7 +22,7 @@ STEMS = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 def _mnist_dir():
     env = os.environ.get("HESSIAN_APPROX_DATA")
     if env:
-        return pathlib.Path(env)
+        return pathlib.Path(env).resolve()  # tests link to these files from other folders
     return pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
 
 
