@@ -66,8 +66,6 @@ def core_items(ctx: Context, repeats: int, torch_ok: bool) -> tuple[dict, dict]:
     log("full eigendecomposition")
     eigvalsh = jax.jit(algorithms.eigvalsh_descending)
     t["jax_eigvalsh"] = measure(lambda: eigvalsh(h), repeats)
-    eigh = jax.jit(algorithms.eigh_descending)
-    t["jax_eigh_with_vectors"] = measure(lambda: eigh(h), repeats)
     exact = np.asarray(eigvalsh(h), np.float64)
     k = 10
     log("top-10 at matched accuracy (all ten within 1e-3 relative of exact)")
