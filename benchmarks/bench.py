@@ -20,9 +20,11 @@ import numpy as np
 from benchmarks.context import Context, Options, log
 from benchmarks.record import machine, to_jsonable, versions
 from benchmarks.timing import measure
+from jax_impl.fileio import atomic_write
 from jax_impl import algorithms, operators
 from jax_impl.approx import APPROXIMATIONS
-from jax_impl.materialize import dense, dense_fn
+from jax_impl.errors import HessianApproxError
+from jax_impl.materialize import dense_fn
 
 TARGETS = {  # (JAX item, PyTorch item, required speed-up): from issue 5
     "top-10 eigenvalues, matched accuracy": ("lanczos_top10_matched", "pyhessian_top10_matched", 10.0),
@@ -36,15 +38,19 @@ def max_rel(a, exact) -> float:
     return float(np.max(np.abs(a - exact[: len(a)]) / np.abs(exact[: len(a)])))
 
 
-def matched_accuracy(run, settings, exact, target=1e-3):
-    """The first setting whose top eigenvalues are all within ``target`` relative of exact."""
+def matched_accuracy(run, settings, exact, target=1e-3) -> dict:
+    """The first setting whose top eigenvalues are all within ``target`` relative of exact.
+
+    Returns {"setting", "max_rel_err", "hvps", "matched"}; ``matched`` is False when
+    even the last setting missed the target (its ratio is then not a matched comparison).
+    """
     for s in settings:
         eigs, matvecs = run(s)
         err = max_rel(eigs, exact)
         log(f"  setting {s}: max rel err {err:.2e}, {matvecs} Hvps")
         if err <= target:
-            return s, err, matvecs
-    return s, err, matvecs
+            break
+    return {"setting": s, "max_rel_err": err, "hvps": matvecs, "matched": bool(err <= target)}
 
 
 def core_items(ctx: Context, repeats: int, torch_ok: bool) -> tuple[dict, dict]:
@@ -64,32 +70,32 @@ def core_items(ctx: Context, repeats: int, torch_ok: bool) -> tuple[dict, dict]:
                                                                             prob.batches))))
     t["jax_exact_hessian_jax.hessian"] = measure(lambda: whole(flat), repeats)
     log("full eigendecomposition")
-    eigvalsh = jax.jit(algorithms.eigvalsh_descending)
-    t["jax_eigvalsh"] = measure(lambda: eigvalsh(h), repeats)
-    exact = np.asarray(eigvalsh(h), np.float64)
+    t["jax_eigvalsh"] = measure(lambda: algorithms.eigvalsh_descending(h), repeats)
+    exact = np.asarray(algorithms.eigvalsh_descending(h), np.float64)
     k = 10
     log("top-10 at matched accuracy (all ten within 1e-3 relative of exact)")
     lan = {}
 
     def run_lanczos(steps):
-        lan[steps] = jax.jit(lambda kk: algorithms.lanczos(hvp, dim, kk, k=k, num_steps=steps))
+        lan[steps] = jax.jit(lambda kk: algorithms.lanczos(hvp, dim, kk, k=k, num_steps=steps, dtype=ctx.dtype))
         return np.asarray(lan[steps](key).eigenvalues), steps
 
-    steps, err, mv = matched_accuracy(run_lanczos, [20, 25, 30, 40, 60, 80, 120], exact)
-    notes["lanczos_top10_matched"] = {"num_steps": steps, "max_rel_err": err, "hvps": mv}
-    t["lanczos_top10_matched"] = measure(lambda: lan[steps](key), repeats)
+    m = notes["lanczos_top10_matched"] = matched_accuracy(
+        run_lanczos, [s for s in (20, 25, 30, 40, 60, 80, 120) if s <= dim], exact)
+    t["lanczos_top10_matched"] = measure(lambda: lan[m["setting"]](key), repeats)
     pw = {}
 
     def run_power(tol):
-        pw[tol] = jax.jit(lambda kk: algorithms.power_iteration(hvp, dim, kk, k=k, max_iter=1000, tol=tol))
+        pw[tol] = jax.jit(lambda kk: algorithms.power_iteration(hvp, dim, kk, k=k, max_iter=1000, tol=tol,
+                                                                dtype=ctx.dtype))
         r = pw[tol](key)
         return np.asarray(r.eigenvalues), int(r.matvecs)
 
-    tol, err, mv = matched_accuracy(run_power, [1e-3, 1e-4, 1e-5, 1e-6], exact)
-    notes["power_top10_matched"] = {"tol": tol, "max_iter": 1000, "max_rel_err": err, "hvps": mv}
-    t["power_top10_matched"] = measure(lambda: pw[tol](key), repeats)
+    m = notes["power_top10_matched"] = {**matched_accuracy(run_power, [1e-3, 1e-4, 1e-5, 1e-6], exact),
+                                        "max_iter": 1000}
+    t["power_top10_matched"] = measure(lambda: pw[m["setting"]](key), repeats)
     log("Hutchinson, 100 probes")
-    hut = jax.jit(lambda kk: algorithms.hutchinson(hvp, dim, kk, num_samples=100))
+    hut = jax.jit(lambda kk: algorithms.hutchinson(hvp, dim, kk, num_samples=100, dtype=ctx.dtype))
     t["jax_hutchinson"] = measure(lambda: hut(key), repeats)
     log("approximations (JAX end to end, jitted)")
     for name, fn in APPROXIMATIONS.items():
@@ -127,10 +133,12 @@ def torch_items(ctx, repeats, exact, t, notes) -> None:
         r = pyhessian_runner.top_eigenvalues(model, x, y, loss, k=10, max_iter=1000, tol=tol, seed=0)
         return r["eigenvalues"], r["matvecs"]
 
-    tol, err, mv = matched_accuracy(run_ph, [1e-3, 1e-4, 1e-5, 1e-6], exact)
-    notes["pyhessian_top10_matched"] = {"tol": tol, "max_iter": 1000, "max_rel_err": err, "hvps": mv}
-    t["pyhessian_top10_matched"] = measure(lambda: run_ph(tol), max(3, repeats // 2 + 1) if repeats > 5 else repeats)
+    m = notes["pyhessian_top10_matched"] = {**matched_accuracy(run_ph, [1e-3, 1e-4, 1e-5, 1e-6], exact),
+                                            "max_iter": 1000}
+    t["pyhessian_top10_matched"] = measure(lambda: run_ph(m["setting"]), repeats)
     log("PyHessian trace, 100 probes (tol 0: all probes used)")
+    used = pyhessian_runner.trace(model, x, y, loss, max_iter=100, tol=0.0)["matvecs"]
+    notes["pyhessian_trace"] = {"probes": used, "same_probe_count": used == 100}
     t["pyhessian_trace"] = measure(lambda: pyhessian_runner.trace(model, x, y, loss, max_iter=100, tol=0.0), repeats)
     log("BackPACK approximations (one forward and backward with the extension)")
     bp_model = copy.deepcopy(model)
@@ -150,11 +158,23 @@ def ratios(t: dict) -> dict:
     return {k: t[b]["median"] / t[a]["median"] for k, (a, b) in pairs.items() if a in t and b in t}
 
 
+def valid_ratios(t: dict, notes: dict) -> dict:
+    """ratios(), leaving out comparisons whose premise failed (accuracy not matched, probe counts differ)."""
+    out = ratios(t)
+    for name, (a, b) in {"top-10 eigenvalues, matched accuracy (Lanczos)": ("lanczos", "pyhessian"),
+                         "top-10 eigenvalues, matched accuracy (power)": ("power", "pyhessian")}.items():
+        if not (notes.get(f"{a}_top10_matched", {}).get("matched") and notes.get(f"{b}_top10_matched", {}).get("matched")):
+            out.pop(name, None)
+    if not notes.get("pyhessian_trace", {}).get("same_probe_count", True):
+        out.pop("Hutchinson, same probe count", None)
+    return out
+
+
 def width_sweep(base: Options, widths, repeats: int, max_exact_dim: int, torch_ok: bool) -> list[dict]:
     """Matrix-free methods (and the exact Hessian while it fits) against hidden width."""
     rows = []
     for w in widths:
-        ctx = Context(Options(**{**base.__dict__, "hidden": (w,), "epochs": 1}))
+        ctx = Context(Options(**{**base.__dict__, "hidden": (w,), "epochs": 1, "checkpoint": None}))
         dim, hvp = ctx.problem.dim, ctx.hvp
         key = jax.random.PRNGKey(0)
         log(f"width {w}: {dim} parameters")
@@ -162,7 +182,7 @@ def width_sweep(base: Options, widths, repeats: int, max_exact_dim: int, torch_o
         row = {"width": w, "num_params": dim, "jax_hvp": measure(lambda: hvp(v), repeats)}
         lan = jax.jit(lambda kk: algorithms.lanczos(hvp, dim, kk, k=10, num_steps=40))
         row["jax_lanczos40"] = measure(lambda: lan(key), repeats)
-        hut = jax.jit(lambda kk: algorithms.hutchinson(hvp, dim, kk, num_samples=100))
+        hut = jax.jit(lambda kk: algorithms.hutchinson(hvp, dim, kk, num_samples=100, dtype=ctx.dtype))
         row["jax_hutchinson100"] = measure(lambda: hut(key), repeats)
         if dim <= max_exact_dim:
             row["jax_exact_hessian"] = measure(dense_fn(operators.hvp(ctx.problem), dim, ctx.dtype), 1)
@@ -185,6 +205,10 @@ def run_bench(options: Options, repeats: int = 5, widths=(10, 32, 64, 128, 256),
               out_dir="benchmarks/results") -> dict:
     from benchmarks.registry import torch_available
 
+    if repeats < 1 or any(w < 1 for w in widths):
+        raise HessianApproxError(f"--repeats {repeats} / --widths {widths} must be positive", "pass positive values")
+    if len(options.hidden) != 1:
+        raise HessianApproxError(f"bench needs one hidden layer, got --hidden {options.hidden}", "pass e.g. --hidden 10")
     torch_ok = torch_available() is None
     ctx = Context(options)
     log(f"bench: {ctx.spec.describe()} ({ctx.problem.dim} parameters), {options.hessian_samples} samples, "
@@ -193,23 +217,25 @@ def run_bench(options: Options, repeats: int = 5, widths=(10, 32, 64, 128, 256),
     result = {"benchmark": "bench", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": machine(), "devices": [str(d) for d in jax.devices()], "versions": versions(),
               "provenance": ctx.provenance(), "repeats": repeats, "timings": t, "notes": notes,
-              "ratios_torch_over_jax": ratios(t)}
+              "ratios_torch_over_jax": valid_ratios(t, notes)}
     result["targets"] = {name: {"ratio": result["ratios_torch_over_jax"].get(
         "top-10 eigenvalues, matched accuracy (Lanczos)" if "top-10" in name else name), "required": req}
         for name, (_, _, req) in TARGETS.items()}
     for name in APPROXIMATIONS:
         result["targets"][f"approximation {name}"] = {
             "ratio": result["ratios_torch_over_jax"].get(f"approximation {name}"), "required": 1.0}
+    write(result, Path(out_dir))  # the core timings are kept even if the sweep fails
     if widths:
-        result["width_sweep"] = width_sweep(options, widths, max(3, repeats // 2), max_exact_dim, torch_ok)
-    write(result, Path(out_dir))
+        result["width_sweep"] = width_sweep(options, widths, repeats, max_exact_dim, torch_ok)
+        write(result, Path(out_dir), csv_rows="sweep")
     return result
 
 
-def write(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def write(result: dict, out: Path, csv_rows: str = "core") -> None:
+    """bench_<stamp>.json (atomically, rewritten as results grow) and the ``csv_rows`` rows appended to bench.csv."""
     stamp = result["created"].replace(":", "").replace("-", "")
-    (out / f"bench_{stamp}.json").write_text(json.dumps(to_jsonable(result), indent=1))
+    text = json.dumps(to_jsonable(result), indent=1)
+    atomic_write(out / f"bench_{stamp}.json", lambda tmp: Path(tmp).write_text(text))
     path = out / "bench.csv"
     new = not path.exists()
     p = result["provenance"]
@@ -224,9 +250,10 @@ def write(result: dict, out: Path) -> None:
                         f"{tm['median']:.6g}", f"{tm['min']:.6g}", f"{tm['max']:.6g}", tm["repeats"],
                         f"{tm['peak_rss_bytes'] / 2**20:.1f}", p["hessian_samples"], p["dtype"]])
 
-        for item, tm in result["timings"].items():
-            row(item, tm, p["model_spec"]["hidden"][0], p["num_params"])
-        for r in result.get("width_sweep", []):
+        if csv_rows == "core":
+            for item, tm in result["timings"].items():
+                row(item, tm, p["model_spec"]["hidden"][0], p["num_params"])
+        for r in result.get("width_sweep", []) if csv_rows == "sweep" else []:
             for item, tm in r.items():
                 if isinstance(tm, dict):
                     row(item, tm, r["width"], r["num_params"])

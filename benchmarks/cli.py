@@ -8,7 +8,7 @@ import sys
 from jax_impl.errors import HessianApproxError
 
 # Each computing command is a default selection of methods from the method table.
-APPROX = ("diag-ggn", "diag-ggn-mc", "diag-h", "kfac", "kflr", "kfra")
+APPROX = ("diag-ggn", "diag-ggn-mc", "diag-h", "kfac", "kflr", "kfra")  # = jax_impl.approx.APPROXIMATIONS (kept light: no JAX import for --help)
 COMMANDS = {
     "eigs": ("top-k Hessian eigenvalues: exact, Lanczos, power iteration", ["exact", "lanczos", "power"]),
     "trace": ("Hessian trace: exact and Hutchinson", ["exact", "hutchinson"]),
@@ -29,7 +29,7 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected widths like '10' or '32,32', got {text!r}") from None
 
 
-def add_problem_flags(p: argparse.ArgumentParser) -> None:
+def add_problem_flags(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
     g = p.add_argument_group("problem")
     g.add_argument("--dataset", default="auto", choices=["auto", "mnist", "digits"],
                    help="auto: MNIST from --data-dir/$HESSIAN_APPROX_DATA or a prepared tfds copy, else 8x8 digits")
@@ -44,7 +44,8 @@ def add_problem_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for training, the subset and every probe (default 0)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     g.add_argument("--chunk-size", type=int, default=1000, help="samples per chunk of the curvature averages")
-    g.add_argument("--json", default=None, metavar="PATH", help="write the result record here (atomically)")
+    if json_flag:
+        g.add_argument("--json", default=None, metavar="PATH", help="write the result record here (atomically)")
 
 
 def add_method_flags(p: argparse.ArgumentParser, default_methods) -> None:
@@ -68,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
         "Curvature of neural-network losses in JAX, cross-checked against BackPACK and PyHessian."))
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the network and write a safetensors checkpoint")
-    add_problem_flags(t)
+    add_problem_flags(t, json_flag=False)
     t.add_argument("--out", required=True, help="checkpoint path to write (.safetensors)")
     for name, (helptext, methods) in COMMANDS.items():
         q = add_and_return(sub, name, helptext)
@@ -76,12 +77,12 @@ def parser() -> argparse.ArgumentParser:
         if name == "approx":
             q.add_argument("--method", default=None, choices=[*APPROX, "all"],
                            help="one approximation (with BackPACK's counterpart, exact and GGN) or all")
-    r = add_and_return(sub, "reproduce", "the study end to end: results.json, report.md and figures in --out")
+    r = add_and_return(sub, "reproduce", json_flag=False, helptext="the study end to end: results.json, report.md and figures in --out")
     add_method_flags(r, [])
     r.add_argument("--out", default="out/reproduce", help="output directory (default out/reproduce)")
     r.add_argument("--sweep-samples", type=int, default=1000, help="largest probe count of the Hutchinson sweep")
     r.add_argument("--sweep-seeds", type=int, default=10, help="independent seeds of the Hutchinson sweep")
-    b = add_and_return(sub, "bench", "side-by-side timings JAX vs PyTorch, ratios against targets, width sweep")
+    b = add_and_return(sub, "bench", json_flag=False, helptext="side-by-side timings JAX vs PyTorch, ratios against targets, width sweep")
     b.add_argument("--repeats", type=int, default=5, help="timed runs per item after a warm-up (default 5)")
     b.add_argument("--widths", type=_ints, default=(10, 32, 64, 128, 256), help="hidden widths of the sweep")
     b.add_argument("--max-exact-dim", type=int, default=26000, help="largest model for the exact Hessian in the sweep")
@@ -89,9 +90,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_and_return(sub, name, helptext):
+def add_and_return(sub, name, helptext, json_flag: bool = True):
     q = sub.add_parser(name, help=helptext)
-    add_problem_flags(q)
+    add_problem_flags(q, json_flag)
     return q
 
 
@@ -109,13 +110,23 @@ def run(args) -> int:
     from benchmarks.registry import resolve
     from jax_impl.checkpoint import save_checkpoint
 
+    from jax_impl.fileio import check_writable_dir, check_writable_file
+
     ctx = Context(options_from(args))
+    # refuse unwritable outputs before any work
+    if getattr(args, "json", None):
+        check_writable_file(args.json)
+    if args.command == "train":
+        check_writable_file(args.out)
+    elif args.command in ("reproduce", "bench"):
+        check_writable_dir(args.out)
     if args.command == "train":
         params = ctx.params
         save_checkpoint(args.out, params, ctx.spec, {**ctx.train_info, **ctx.dataset.provenance()})
         log(f"wrote {args.out}")
-        print(f"{ctx.spec.describe()}: train accuracy {ctx.train_info['train_accuracy']:.4f}, "
-              f"test accuracy {ctx.train_info['test_accuracy']:.4f} -> {args.out}")
+        acc = ", ".join(f"{k.replace('_', ' ')} {ctx.train_info[k]:.4f}" for k in ("train_accuracy", "test_accuracy")
+                        if k in ctx.train_info)
+        print(f"{ctx.spec.describe()}: {acc or 'weights copied from ' + str(ctx.options.checkpoint)} -> {args.out}")
         return 0
     if args.command == "bench":
         from benchmarks.bench import format_bench, run_bench

@@ -62,6 +62,8 @@ class Options:
             if getattr(self, name) < 1:
                 raise HessianApproxError(f"--{name.replace('_', '-')} is {getattr(self, name)}",
                                          "pass a positive number")
+        if self.seed < 0:
+            raise HessianApproxError(f"--seed is {self.seed}", "pass a seed >= 0")
         if self.epochs is not None and self.epochs < 1:
             raise HessianApproxError(f"--epochs is {self.epochs}", "pass a positive number")
 

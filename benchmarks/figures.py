@@ -6,9 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from jax_impl.checkpoint import atomic_write
+from benchmarks.record import ran
+from jax_impl.approx import APPROXIMATIONS
+from jax_impl.fileio import atomic_write
 
-APPROX = ("diag-ggn", "diag-ggn-mc", "diag-h", "kfac", "kflr", "kfra")
+APPROX = tuple(APPROXIMATIONS)
+
 
 
 def _plt():
@@ -18,10 +21,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _ok(entry) -> bool:
-    return isinstance(entry, dict) and "error" not in entry and entry.get("status") != "not run"
 
 
 def _save(fig, path: Path) -> None:
@@ -40,10 +39,10 @@ def fig_top_eigenvalues(record: dict, path: Path, k: int = 10) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     idx = np.arange(1, k + 1)
     markers = dict(zip(ESTIMATORS, ("x", "+", "s", "^", "v")))
-    groups = ([n for n in ESTIMATORS if _ok(res.get(n))],
-              [n for a in APPROX for n in (a, f"backpack:{a}") if _ok(res.get(n))])
+    groups = ([n for n in ESTIMATORS if ran(res.get(n))],
+              [n for a in APPROX for n in (a, f"backpack:{a}") if ran(res.get(n))])
     for ax, names, title in zip(axes, groups, ("Matrix-free estimates and PyTorch", "Structured approximations")):
-        if _ok(res.get("exact")):
+        if ran(res.get("exact")):
             ex = np.asarray(res["exact"]["eigenvalues"][:k])
             ax.plot(idx[: len(ex)], ex, color="black", lw=3, alpha=0.35,
                     marker="o", ms=9, label="exact (JAX)", zorder=1)
@@ -73,15 +72,15 @@ def fig_trace(record: dict, path: Path) -> None:
     res = record["results"]
     exact = res.get("exact", {}).get("trace")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = [n for n in ("ggn", *APPROX) if _ok(res.get(n))]
+    names = [n for n in ("ggn", *APPROX) if ran(res.get(n))]
     x = np.arange(len(names))
     a1.bar(x - 0.2, [res[n]["trace"] for n in names], 0.4, label="JAX")
-    bp = [res.get(f"backpack:{n}", {}).get("trace") if _ok(res.get(f"backpack:{n}")) else np.nan for n in names]
+    bp = [res.get(f"backpack:{n}", {}).get("trace") if ran(res.get(f"backpack:{n}")) else np.nan for n in names]
     a1.bar(x + 0.2, bp, 0.4, label="BackPACK")
     a1.set_xticks(x, names, rotation=30)
     a1.set_ylabel("trace")
     a1.set_title("Approximations against the exact trace")
-    est = [(n, res[n]) for n in ("hutchinson", "pyhessian:trace", "slq", "pyhessian:density") if _ok(res.get(n))]
+    est = [(n, res[n]) for n in ("hutchinson", "pyhessian:trace", "slq", "pyhessian:density") if ran(res.get(n))]
     a2.errorbar(np.arange(len(est)), [e["trace"] for _, e in est],
                 yerr=[e.get("stderr") or 0 for _, e in est], fmt="o", capsize=5)
     a2.set_xticks(np.arange(len(est)), [f"{n}\n({e.get('matvecs', '?')} Hvps)" for n, e in est])
@@ -110,7 +109,7 @@ def fig_hutchinson(record: dict, path: Path) -> None:
     if exact is not None:
         ax.axhline(exact, color="black", ls="--", label=f"exact trace {exact:.4g}")
     ph = record["results"].get("pyhessian:trace")
-    if _ok(ph):
+    if ran(ph):
         ax.plot([ph["matvecs"]], [ph["trace"]], "rs", ms=8, label=f"PyHessian ({ph['matvecs']} probes)")
     ax.set_xscale("log")
     ax.set_xlabel("number of Rademacher probes (log scale)")
@@ -132,7 +131,7 @@ def fig_density(record: dict, path: Path) -> None:
     if spectrum:
         ax.hist(spectrum, bins=100, density=True, alpha=0.4, color="gray", label="exact eigenvalues (histogram)")
     for name, color in (("slq", "C0"), ("pyhessian:density", "C3")):
-        if _ok(res.get(name)):
+        if ran(res.get(name)):
             dens, grid = spectral_density(np.asarray(res[name]["nodes"]), np.asarray(res[name]["weights"]),
                                           num_bins=2000)
             ax.plot(np.asarray(grid), np.asarray(dens), color=color, label=f"{name} (Gaussian-smoothed)")

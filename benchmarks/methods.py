@@ -48,6 +48,24 @@ def check_k(ctx) -> None:
             f"choose -k between 1 and {ctx.spec.num_params}")
 
 
+def check_lanczos(ctx) -> None:
+    from jax_impl.errors import HessianApproxError
+
+    check_k(ctx)
+    steps, d, k = ctx.options.lanczos_steps, ctx.spec.num_params, ctx.options.k
+    if steps is not None and not k <= steps <= d:
+        raise HessianApproxError(f"--lanczos-steps {steps} is outside k..d = {k}..{d}",
+                                 f"pass --lanczos-steps between {k} and {d}")
+
+
+def check_slq(ctx) -> None:
+    from jax_impl.errors import HessianApproxError
+
+    if ctx.options.slq_steps > ctx.spec.num_params:
+        raise HessianApproxError(f"--slq-steps {ctx.options.slq_steps} exceeds the {ctx.spec.num_params} parameters",
+                                 f"pass --slq-steps <= {ctx.spec.num_params}")
+
+
 def timed(fn, *args, **kwargs):
     """(result, seconds) with the result's arrays ready (compilation included)."""
     t0 = time.perf_counter()
@@ -91,18 +109,18 @@ def ggn(ctx):
 def power(ctx):
     o = ctx.options
     res, secs = timed(algorithms.power_iteration, ctx.hvp, ctx.problem.dim, ctx.key("power"),
-                      k=o.k, max_iter=o.power_max_iter, tol=o.power_tol)
+                      k=o.k, max_iter=o.power_max_iter, tol=o.power_tol, dtype=ctx.dtype)
     d = res.sorted().to_dict()
     return {"eigenvalues": d["eigenvalues"], "eigenvalues_found_order": res.to_dict()["eigenvalues"],
             "matvecs": d["matvecs"], "seconds": secs,
             "settings": {"max_iter": o.power_max_iter, "tol": o.power_tol}}
 
 
-@method("lanczos", "Lanczos with full reorthogonalization over Hvps: top-k Ritz values", check_k)
+@method("lanczos", "Lanczos with full reorthogonalization over Hvps: top-k Ritz values", check_lanczos)
 def lanczos(ctx):
     o = ctx.options
     res, secs = timed(algorithms.lanczos, ctx.hvp, ctx.problem.dim, ctx.key("lanczos"),
-                      k=o.k, num_steps=o.lanczos_steps)
+                      k=o.k, num_steps=o.lanczos_steps, dtype=ctx.dtype)
     d = res.to_dict()
     return {"eigenvalues": d["eigenvalues"], "residuals": d["residuals"], "matvecs": d["matvecs"],
             "seconds": secs}
@@ -112,22 +130,27 @@ def lanczos(ctx):
 def hutchinson(ctx):
     o = ctx.options
     res, secs = timed(algorithms.hutchinson, ctx.hvp, ctx.problem.dim, ctx.key("hutchinson"),
-                      num_samples=o.hutchinson_samples)
+                      num_samples=o.hutchinson_samples, dtype=ctx.dtype)
     d = res.to_dict()
     return {"trace": d["trace"], "stderr": d["stderr"], "matvecs": d["matvecs"], "seconds": secs,
             "running_mean": d["running_mean"], "running_stderr": d["running_stderr"]}
 
 
-@method("slq", "stochastic Lanczos quadrature: spectral density nodes and weights (PyHessian's conventions)")
+@method("slq", "stochastic Lanczos quadrature: spectral density nodes and weights (PyHessian's conventions)",
+        check_slq)
 def slq(ctx):
     o = ctx.options
     (nodes, weights), secs = timed(algorithms.slq, ctx.hvp, ctx.problem.dim, ctx.key("slq"),
-                                   num_steps=o.slq_steps, num_runs=o.slq_runs)
+                                   num_steps=o.slq_steps, num_runs=o.slq_runs, dtype=ctx.dtype)
+    return {**slq_entry(nodes, weights, ctx.problem.dim), "matvecs": o.slq_steps * o.slq_runs, "seconds": secs}
+
+
+def slq_entry(nodes, weights, dim: int) -> dict:
+    """SLQ nodes and weights (runs, steps) with the trace d·mean_r Σ w θ and the mean top node."""
     nodes, weights = np.asarray(nodes), np.asarray(weights)
-    trace = float(ctx.problem.dim * np.mean(np.sum(nodes * weights, axis=1)))
-    top = np.sort(nodes.max(axis=1))[::-1]
-    return {"nodes": nodes.tolist(), "weights": weights.tolist(), "trace": trace,
-            "eigenvalues": [float(np.mean(top))], "matvecs": o.slq_steps * o.slq_runs, "seconds": secs}
+    return {"nodes": nodes.tolist(), "weights": weights.tolist(),
+            "trace": float(dim * np.mean(np.sum(nodes * weights, axis=1))),
+            "eigenvalues": [float(np.mean(nodes.max(axis=1)))]}
 
 
 def preflight(ctx, names) -> None:

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from benchmarks.methods import check_k, method
+from benchmarks.methods import check_k, check_slq, method, slq_entry
 
 
 def twin(ctx):
@@ -86,17 +86,14 @@ def pyhessian_trace(ctx):
             "seconds": r["seconds"], "settings": r["settings"]}
 
 
-@method("pyhessian:density", "PyHessian: SLQ density (through the torch.eig compatibility layer)")
+@method("pyhessian:density", "PyHessian: SLQ density (through the torch.eig compatibility layer)", check_slq)
 def pyhessian_density(ctx):
     from torch_ref import pyhessian_runner
 
     model, x, y = twin(ctx)
     o = ctx.options
     r = pyhessian_runner.density(model, x, y, o.loss, iters=o.slq_steps, n_v=o.slq_runs, seed=o.seed)
-    nodes, weights = np.asarray(r["nodes"]), np.asarray(r["weights"])
-    return {"nodes": nodes.tolist(), "weights": weights.tolist(),
-            "trace": float(ctx.problem.dim * np.mean(np.sum(nodes * weights, axis=1))),
-            "eigenvalues": [float(np.mean(nodes.max(axis=1)))], "matvecs": r["matvecs"],
+    return {**slq_entry(r["nodes"], r["weights"], ctx.problem.dim), "matvecs": r["matvecs"],
             "seconds": r["seconds"], "settings": r.get("settings", {})}
 
 

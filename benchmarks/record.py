@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jax_impl.checkpoint import atomic_write
+from jax_impl.fileio import atomic_write
 
 SCHEMA_VERSION = 1
 
@@ -59,6 +59,11 @@ def to_jsonable(obj):
     if isinstance(obj, (np.integer,)):
         return int(obj)
     return obj
+
+
+def ran(entry) -> bool:
+    """True when a method's entry holds results (not an error, not 'not run')."""
+    return isinstance(entry, dict) and "error" not in entry and entry.get("status") != "not run"
 
 
 def new_record(command: str, provenance: dict) -> dict:

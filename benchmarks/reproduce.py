@@ -13,9 +13,13 @@ from benchmarks.context import Context, log, progress_bar
 from benchmarks.methods import preflight, run_methods
 from benchmarks.registry import resolve
 from jax_impl import algorithms
-from jax_impl.checkpoint import atomic_write, save_checkpoint
+from jax_impl.checkpoint import save_checkpoint
+from jax_impl.fileio import atomic_write
 
-APPROX = ("diag-ggn", "diag-ggn-mc", "diag-h", "kfac", "kflr", "kfra")
+from jax_impl.approx import APPROXIMATIONS
+from jax_impl.errors import HessianApproxError
+
+APPROX = tuple(APPROXIMATIONS)
 METHODS = ["exact", "torch:exact", "ggn", "lanczos", "power", "pyhessian", "hutchinson", "pyhessian:trace",
            "slq", "pyhessian:density", *APPROX, *(f"backpack:{n}" for n in APPROX)]
 
@@ -53,6 +57,9 @@ def reproduce(ctx: Context, out_dir, sweep_samples: int = 1000, sweep_seeds: int
     from benchmarks.report import report_markdown
 
     out = Path(out_dir)
+    if sweep_seeds < 2 or sweep_samples < 10:
+        raise HessianApproxError(f"--sweep-seeds {sweep_seeds} / --sweep-samples {sweep_samples} are too small",
+                                 "pass --sweep-seeds >= 2 and --sweep-samples >= 10")
     names, skipped = resolve(METHODS, missing_torch="skip")
     _ = ctx.subset
     preflight(ctx, names)
@@ -72,8 +79,9 @@ def reproduce(ctx: Context, out_dir, sweep_samples: int = 1000, sweep_seeds: int
 
         record["crosscheck"] = crosscheck(ctx)
     record["total_seconds"] = time.perf_counter() - t0
-    rec.write_json(out / "results.json", record)
-    draw_all(rec.to_jsonable(record), out)
-    text = report_markdown(rec.to_jsonable(record))
+    plain = rec.to_jsonable(record)
+    text = report_markdown(plain)  # figures and report first: results.json last marks a complete run
+    draw_all(plain, out)
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))
+    rec.write_json(out / "results.json", record)
     return record

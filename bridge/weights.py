@@ -9,14 +9,13 @@ torch and torch_ref.models; never jax or flax.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bridge.convert import flax_to_torch, spec_dict, state_dict_from_torch, torch_to_flax
+from jax_impl.fileio import atomic_write
 from jax_impl.errors import HessianApproxError, check_finite
 
 LAYOUT = "flax"  # as jax_impl.checkpoint.LAYOUT
@@ -119,19 +118,6 @@ def load_torch_twin(path, dtype=None):
     return model, spec, metadata
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` into a temporary file beside ``path``, then rename it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_from_torch(path, model, spec, metadata: dict | None = None) -> None:
     """Write the twin's weights to ``path`` in the Flax layout (atomically: temp file + rename).
 
@@ -157,4 +143,4 @@ def save_from_torch(path, model, spec, metadata: dict | None = None) -> None:
     except TypeError as err:
         raise HessianApproxError(f"the metadata is not JSON-serializable ({err})",
                                  "pass plain dicts, lists, strings and numbers") from None
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))

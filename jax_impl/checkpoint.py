@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,23 +10,10 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from jax_impl.errors import HessianApproxError, check_finite
+from jax_impl.fileio import atomic_write
 from jax_impl.models import ModelSpec, flatten_tree, param_shapes, unflatten_tree
 
 LAYOUT = "flax"  # kernels (in, out); the bridge converts to torch's (out, in)
-
-
-def atomic_write(path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: no partial file is ever left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path, params, spec: ModelSpec, metadata: dict | None = None) -> None:
@@ -61,7 +46,15 @@ def load_checkpoint(path, spec: ModelSpec | None = None):
     if "spec" not in meta:
         raise HessianApproxError(f"checkpoint {path} has no model spec in its metadata",
                                  "save it with hessian-approx (jax_impl.checkpoint.save_checkpoint)")
-    stored = ModelSpec.from_json(meta["spec"])
+    if meta.get("layout", LAYOUT) != LAYOUT:
+        raise HessianApproxError(f"checkpoint {path} has layout {meta['layout']!r}, not {LAYOUT!r}",
+                                 "convert it with bridge.weights.save_from_torch")
+    try:
+        stored = ModelSpec.from_json(meta["spec"])
+        extra = json.loads(meta.get("metadata", "{}"))
+    except (ValueError, TypeError) as err:
+        raise HessianApproxError(f"checkpoint {path} has malformed metadata ({err})",
+                                 "re-create it with `hessian-approx train`") from None
     if spec is not None and spec != stored:
         raise HessianApproxError(
             f"checkpoint {path} holds a {stored.describe()} but the model asked for is {spec.describe()}",
@@ -75,4 +68,4 @@ def load_checkpoint(path, spec: ModelSpec | None = None):
             "re-create it with `hessian-approx train`")
     for name, value in tensors.items():
         check_finite(f"the weights {name} in {path}", value)
-    return unflatten_tree(tensors), stored, json.loads(meta.get("metadata", "{}"))
+    return unflatten_tree(tensors), stored, extra

@@ -38,7 +38,13 @@ class ModelSpec:
     kind: str = "mlp"
 
     def __post_init__(self):
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        try:
+            object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+            object.__setattr__(self, "input_dim", int(self.input_dim))
+            object.__setattr__(self, "output_dim", int(self.output_dim))
+        except (TypeError, ValueError):
+            raise HessianApproxError(f"model widths {self.input_dim}, {self.hidden}, {self.output_dim} are not integers",
+                                     "give integer widths") from None
         if self.kind != "mlp":
             raise HessianApproxError(
                 f"model kind {self.kind!r} is not supported", "use kind 'mlp'"
@@ -81,7 +87,7 @@ class ModelSpec:
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
         try:
             return cls(**d)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise HessianApproxError(
                 f"model spec {d!r} is malformed ({err})",
                 "write it as produced by ModelSpec.to_dict()",

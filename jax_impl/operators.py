@@ -229,6 +229,11 @@ def fisher_mc_vp(problem: Problem, key: jax.Array, mc_samples: int = 1) -> Calla
     Each matvec uses the same draws (fixed by ``key``), so the operator is a fixed
     symmetric PSD matrix; its expectation over keys is the GGN.
     """
+    from jax_impl.losses import cross_entropy
+
+    if problem.ell is not cross_entropy:
+        raise HessianApproxError("the Monte-Carlo Fisher samples labels from a softmax, so it needs cross-entropy",
+                                 "use ggn_vp (equal to the Fisher in expectation) for other losses")
     grad_ell = jax.grad(lambda z, y: jnp.sum(problem.ell(z, y)))
 
     def residuals(z, c, k):

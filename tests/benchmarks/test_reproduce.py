@@ -32,6 +32,8 @@ def check_outputs(out, torch_ran: bool):
     res = rec["results"]
     for name in ("exact", "lanczos", "power", "hutchinson", "slq", "diag-h", "kfac", "kflr", "kfra"):
         assert "eigenvalues" in res[name] or "trace" in res[name], name
+    for name, entry in res.items():
+        assert "error" not in entry, (name, entry.get("error"))
     for name in ("torch:exact", "pyhessian", "pyhessian:trace", "backpack:kflr"):
         assert (res[name].get("status") != "not run") == torch_ran, name
     sweep = rec["hutchinson_sweep"]
