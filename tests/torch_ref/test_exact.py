@@ -8,15 +8,6 @@ from jax_impl.errors import HessianApproxError
 from torch_ref import exact, models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny problems: one intra-op thread (two threads spin badly when the 2-core machine is busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def problem(hidden=(4,), activation="tanh", d=5, c=3, n=12, seed=0):
     torch.manual_seed(seed)
     m = models.build_twin({"input_dim": d, "hidden": list(hidden), "output_dim": c, "activation": activation},

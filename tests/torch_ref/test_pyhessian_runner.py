@@ -14,15 +14,6 @@ from torch_ref import pyhessian_runner as runner
 PH = importlib.import_module("pyhessian.hessian")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny problems: one intra-op thread (two threads spin badly when the 2-core machine is busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def eig_problem():
     """6-8-3 tanh, cross-entropy, 40 samples: d = 83, top |eigenvalues| ~1.04, 0.94, 0.81, then 0.68."""
     torch.manual_seed(0)
