@@ -1,139 +1,75 @@
-"""Declarative model specs (plain data) and their Flax builders."""
+"""The Flax side of the architecture description: one module per layer kind, padding and strides explicit."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from typing import Any
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_impl.errors import HessianApproxError
+from hessian_approx.architecture import Architecture, mlp, parse  # noqa: F401  (re-exported)
+from hessian_approx.errors import HessianApproxError
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh, "sigmoid": nn.sigmoid}
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """A sequential MLP: Dense -> activation -> ... -> Dense (logits).
-
-    Plain data: it round-trips through ``to_dict``/``from_dict`` and JSON, so the
-    PyTorch twin is built from the dict without importing JAX. The default is the
-    study's network, 784-10-10 with ReLU (7,960 parameters).
-
-    Attributes:
-      input_dim: features per sample D (784 for MNIST, 64 for 8x8 digits).
-      hidden: widths of the hidden layers.
-      output_dim: number of logits C.
-      activation: one of ``relu``, ``tanh``, ``sigmoid``.
-    """
-
-    input_dim: int = 784
-    hidden: tuple[int, ...] = (10,)
-    output_dim: int = 10
-    activation: str = "relu"
-    kind: str = "mlp"
-
-    def __post_init__(self):
-        try:
-            object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-            object.__setattr__(self, "input_dim", int(self.input_dim))
-            object.__setattr__(self, "output_dim", int(self.output_dim))
-        except (TypeError, ValueError):
-            raise HessianApproxError(f"model widths {self.input_dim}, {self.hidden}, {self.output_dim} are not integers",
-                                     "give integer widths") from None
-        if self.kind != "mlp":
-            raise HessianApproxError(
-                f"model kind {self.kind!r} is not supported", "use kind 'mlp'"
-            )
-        if self.activation not in ACTIVATIONS:
-            raise HessianApproxError(
-                f"activation {self.activation!r} is not supported",
-                f"choose one of {', '.join(ACTIVATIONS)}",
-            )
-        if min((self.input_dim, self.output_dim, *self.hidden)) < 1:
-            raise HessianApproxError(
-                f"layer widths {self.widths} must all be positive", "fix --hidden"
-            )
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        """(D, h_1, ..., h_L, C)."""
-        return (self.input_dim, *self.hidden, self.output_dim)
-
-    @property
-    def layer_names(self) -> tuple[str, ...]:
-        """Flax names of the Dense layers, input to output."""
-        return tuple(f"Dense_{i}" for i in range(len(self.widths) - 1))
-
-    @property
-    def num_params(self) -> int:
-        w = self.widths
-        return sum(a * b + b for a, b in zip(w[:-1], w[1:]))
-
-    def describe(self) -> str:
-        """Short human name, e.g. ``mlp 784-10-10 relu``."""
-        return f"{self.kind} {'-'.join(map(str, self.widths))} {self.activation}"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
-        try:
-            return cls(**d)
-        except (TypeError, ValueError) as err:
-            raise HessianApproxError(
-                f"model spec {d!r} is malformed ({err})",
-                "write it as produced by ModelSpec.to_dict()",
-            ) from None
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ModelSpec":
-        return cls.from_dict(json.loads(text))
+def _pool(fn):
+    return lambda layer, name, dtype, shape: (lambda x: fn(x, layer.window, strides=layer.stride, padding="VALID"))
 
 
-class MLP(nn.Module):
-    """Flax MLP built from a ModelSpec. Input (B, D) -> logits (B, C)."""
+def _conv(layer, name, dtype, shape):
+    ph, pw = layer.pads(shape)
+    return nn.Conv(layer.features, layer.kernel, strides=layer.stride, padding=((ph, ph), (pw, pw)),
+                   name=name, param_dtype=dtype)
 
-    spec: ModelSpec
+
+# kind -> (layer, Flax name, param dtype, per-sample input shape) -> callable on (B, *in_shape).
+# Flax's own defaults (SAME convolutions, stride-1 pooling) would build a different network
+# than torch's, so every padding and stride is passed explicitly.
+FLAX_LAYERS: dict[str, Callable] = {
+    "dense": lambda layer, name, dtype, shape: nn.Dense(layer.features, name=name, param_dtype=dtype),
+    "conv2d": _conv,
+    "maxpool2d": _pool(nn.max_pool),
+    "avgpool2d": _pool(nn.avg_pool),
+    "flatten": lambda layer, name, dtype, shape: (lambda x: x.reshape(x.shape[0], -1)),
+    "activation": lambda layer, name, dtype, shape: ACTIVATIONS[layer.name],
+}
+
+
+class Network(nn.Module):
+    """The Flax network of an Architecture: (B, *input_shape) -> logits (B, C)."""
+
+    arch: Architecture
 
     @nn.compact
     def __call__(self, x):
-        act = ACTIVATIONS[self.spec.activation]
-        for i, width in enumerate(self.spec.widths[1:]):
-            x = nn.Dense(width, name=f"Dense_{i}", param_dtype=x.dtype)(x)
-            if i < len(self.spec.hidden):
-                x = act(x)
+        names = {p.index: p.name for p in self.arch.param_layers}
+        for i, (layer, shape) in enumerate(zip(self.arch.layers, self.arch.shapes)):
+            x = FLAX_LAYERS[layer.kind](layer, names.get(i), x.dtype, shape)(x)
         return x
 
 
-def build(spec: ModelSpec) -> MLP:
-    """The Flax module for ``spec``."""
-    return MLP(spec)
+def build(arch: Architecture) -> Network:
+    """The Flax module for ``arch``."""
+    return Network(arch)
 
 
-def init_params(spec: ModelSpec, key: jax.Array, dtype=jnp.float32) -> dict:
-    """Initial parameters {layer: {kernel (in, out), bias (out,)}} (Flax defaults)."""
-    x = jnp.zeros((1, spec.input_dim), dtype)
-    return build(spec).init(key, x)["params"]
+def init_params(arch: Architecture, key: jax.Array, dtype=jnp.float32) -> dict:
+    """Initial parameters {"Conv_0": {"kernel" (kh, kw, in, out), "bias"}, "Dense_0": {...}} (Flax defaults)."""
+    x = jnp.zeros((1, *arch.input_shape), dtype)
+    return build(arch).init(key, x)["params"]
 
 
-def make_apply(spec: ModelSpec):
-    """``apply(params, x) -> logits``: x (B, D) -> (B, C), params as from init_params."""
-    module = build(spec)
+def make_apply(arch: Architecture) -> Callable:
+    """``apply(params, x) -> logits``: x (B, *input_shape) -> (B, C)."""
+    module = build(arch)
 
     def apply(params, x):
         return module.apply({"params": params}, x)
 
+    apply.arch = arch  # lets the structured approximations find the layers
     return apply
 
 
@@ -142,13 +78,9 @@ def cast_params(params, dtype):
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
 
 
-def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Expected {"Dense_i/kernel": (in, out), "Dense_i/bias": (out,)} for ``spec``."""
-    shapes = {}
-    for name, (a, b) in zip(spec.layer_names, zip(spec.widths[:-1], spec.widths[1:])):
-        shapes[f"{name}/kernel"] = (a, b)
-        shapes[f"{name}/bias"] = (b,)
-    return shapes
+def param_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
+    """{"Conv_0/kernel": (kh, kw, in, out), ..., "Dense_0/bias": (out,)} for ``arch``."""
+    return arch.param_shapes()
 
 
 def flatten_tree(params) -> dict[str, np.ndarray]:
@@ -160,10 +92,28 @@ def flatten_tree(params) -> dict[str, np.ndarray]:
     return out
 
 
-def unflatten_tree(flat: dict[str, np.ndarray]) -> dict:
-    """Inverse of flatten_tree."""
+def unflatten_tree(flat) -> dict:
+    """Inverse of flatten_tree; also takes an already nested {layer: {leaf: array}} tree."""
     tree: dict = {}
     for key, value in flat.items():
-        layer, leaf = key.split("/")
+        if isinstance(value, dict):
+            tree[key] = {leaf: jnp.asarray(v) for leaf, v in value.items()}
+            continue
+        layer, sep, leaf = key.partition("/")
+        if not sep:
+            raise HessianApproxError(f"parameter {key!r} is not named 'layer/leaf'",
+                                     "pass {'Dense_0/kernel': ...} or a nested {'Dense_0': {'kernel': ...}} tree")
         tree.setdefault(layer, {})[leaf] = jnp.asarray(value)
     return tree
+
+
+def as_inputs(arch: Architecture, x) -> np.ndarray:
+    """x (N, ...) reshaped to (N, *arch.input_shape) when the sizes agree (images flattened channels last)."""
+    x = np.asarray(x)
+    shape = tuple(arch.input_shape)
+    if x.ndim >= 1 and x.shape[1:] == shape:
+        return x
+    if x.ndim >= 1 and int(np.prod(x.shape[1:])) == int(np.prod(shape)):
+        return x.reshape((x.shape[0], *shape))
+    raise HessianApproxError(f"inputs of shape {x.shape[1:]} per sample do not fit the model's input {shape}",
+                             "pass data of the model's input shape, or a model built for this data")

@@ -23,7 +23,7 @@ class Batches:
     over the real samples, whatever the remainder.
 
     Attributes:
-      x: (num_chunks, chunk, D) inputs.
+      x: (num_chunks, chunk, *input_shape) inputs (any per-sample shape: (D,), (H, W, C), ...).
       y: (num_chunks, chunk) integer labels.
       w: (num_chunks, chunk) weights: 1/N for real samples, 0 for padding.
       mesh: a 1-D device mesh whose axis splits each chunk's samples (static;
@@ -44,7 +44,7 @@ def make_batches(x, y, chunk_size: int = 1000, multiple_of: int = 1, dtype=jnp.f
     """Cut (x, y) into equal zero-padded chunks.
 
     Args:
-      x: (N, D) inputs.
+      x: (N, *input_shape) inputs, e.g. (N, D) vectors or (N, H, W, C) images.
       y: (N,) labels.
       chunk_size: samples per chunk (capped at N, rounded up to ``multiple_of``).
       multiple_of: chunk size granularity, e.g. the device count for sharding.
@@ -54,10 +54,10 @@ def make_batches(x, y, chunk_size: int = 1000, multiple_of: int = 1, dtype=jnp.f
     """
     x = np.asarray(x)
     y = np.asarray(y)
-    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
         raise HessianApproxError(
             f"data shapes x {x.shape} and y {y.shape} do not match",
-            "pass x as (N, D) and y as (N,) with the same N",
+            "pass x as (N, ...) and y as (N,) with the same N",
         )
     if len(x) == 0:
         raise HessianApproxError("the data subset is empty", "use --hessian-samples >= 1")
@@ -70,7 +70,7 @@ def make_batches(x, y, chunk_size: int = 1000, multiple_of: int = 1, dtype=jnp.f
     idx = np.concatenate([np.arange(n), np.zeros(pad, dtype=np.int64)])
     w = np.concatenate([np.full(n, 1.0 / n), np.zeros(pad)])
     return Batches(
-        x=jnp.asarray(x[idx].reshape(num_chunks, chunk, -1), dtype),
+        x=jnp.asarray(x[idx].reshape(num_chunks, chunk, *x.shape[1:]), dtype),
         y=jnp.asarray(y[idx].reshape(num_chunks, chunk), jnp.int32),
         w=jnp.asarray(w.reshape(num_chunks, chunk), dtype),
     )
@@ -108,7 +108,7 @@ class Problem:
     The total loss is L(θ) = Σ_n w_n ell(apply(θ, x_n), y_n) with Σ w_n = 1.
 
     Attributes:
-      apply: ``apply(params, x (B, D)) -> logits (B, C)``.
+      apply: ``apply(params, x (B, *input_shape)) -> logits (B, C)``.
       ell: per-sample loss ``ell(logits (B, C), y (B,)) -> (B,)``.
       params: parameter pytree θ.
       batches: the data, as from make_batches.

@@ -30,7 +30,7 @@ def shard_batches(batches: Batches, mesh: Mesh) -> Batches:
     """
     if batches.x.shape[1] % mesh.size:
         raise ValueError(f"chunk size {batches.x.shape[1]} is not a multiple of {mesh.size} devices")
-    x_sh = NamedSharding(mesh, P(None, AXIS, None))
+    x_sh = NamedSharding(mesh, P(None, AXIS, *[None] * (batches.x.ndim - 2)))
     s_sh = NamedSharding(mesh, P(None, AXIS))
     return Batches(
         x=jax.device_put(batches.x, x_sh),

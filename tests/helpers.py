@@ -1,4 +1,4 @@
-"""Small problems for the tests: tiny MLPs on random data, in float64."""
+"""Small problems for the tests: tiny MLPs on random data, in float64 (CNNs and more: tests/cases.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ from jax_impl import losses, models, operators
 
 def tiny_problem(hidden=(4,), activation="tanh", loss="cross_entropy", n=12, d=5, c=3,
                  chunk_size=1000, seed=0, dtype=jnp.float64):
-    spec = models.ModelSpec(input_dim=d, hidden=hidden, output_dim=c, activation=activation)
+    spec = models.mlp(d, hidden, c, activation)
     params = models.cast_params(models.init_params(spec, jax.random.PRNGKey(seed)), dtype)
     # perturb the zero biases so that no symmetry hides an error
     params = jax.tree_util.tree_map(lambda a: a + 0.1 * jnp.sin(jnp.arange(a.size).reshape(a.shape) + 1.0), params)

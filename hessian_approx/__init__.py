@@ -1,0 +1,1 @@
+"""What both frameworks share without importing either: the architecture description, errors, atomic files."""
