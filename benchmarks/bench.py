@@ -99,7 +99,7 @@ def core_items(ctx: Context, repeats: int, torch_ok: bool) -> tuple[dict, dict]:
     t["jax_hutchinson"] = measure(lambda: hut(key), repeats)
     log("approximations (JAX end to end, jitted)")
     for name, fn in APPROXIMATIONS.items():
-        f = jax.jit(lambda kk, fn=fn: fn(prob, ctx.spec, kk, 1))
+        f = jax.jit(lambda kk, fn=fn: fn(prob, ctx.arch, kk, 1))
         t[f"jax_{name}"] = measure(lambda: f(key), repeats)
     if torch_ok:
         torch_items(ctx, repeats, exact, t, notes)
@@ -207,11 +207,12 @@ def run_bench(options: Options, repeats: int = 5, widths=(10, 32, 64, 128, 256),
 
     if repeats < 1 or any(w < 1 for w in widths):
         raise HessianApproxError(f"--repeats {repeats} / --widths {widths} must be positive", "pass positive values")
-    if len(options.hidden) != 1:
-        raise HessianApproxError(f"bench needs one hidden layer, got --hidden {options.hidden}", "pass e.g. --hidden 10")
     torch_ok = torch_available() is None
     ctx = Context(options)
-    log(f"bench: {ctx.spec.describe()} ({ctx.problem.dim} parameters), {options.hessian_samples} samples, "
+    if widths and not (ctx.arch.is_mlp and len(ctx.arch.param_layers) == 2):
+        log(f"bench: no width sweep for {ctx.arch.to_string()} (it sweeps the hidden width of a one-hidden-layer mlp)")
+        widths = ()
+    log(f"bench: {ctx.arch.describe()} ({ctx.problem.dim} parameters), {options.hessian_samples} samples, "
         f"{repeats} repeats after a warm-up, torch {'on' if torch_ok else 'not installed'}")
     t, notes = core_items(ctx, repeats, torch_ok)
     result = {"benchmark": "bench", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -229,6 +230,14 @@ def run_bench(options: Options, repeats: int = 5, widths=(10, 32, 64, 128, 256),
         result["width_sweep"] = width_sweep(options, widths, repeats, max_exact_dim, torch_ok)
         write(result, Path(out_dir), csv_rows="sweep")
     return result
+
+
+def _width(provenance: dict):
+    """The hidden width of a one-hidden-layer mlp (the CSV's width column), else ''."""
+    layers = provenance["architecture"]["layers"]
+    dense = [l for l in layers if l["kind"] == "dense"]
+    ok = len(provenance["architecture"]["input_shape"]) == 1 and len(dense) == 2
+    return dense[0]["features"] if ok else ""
 
 
 def write(result: dict, out: Path, csv_rows: str = "core") -> None:
@@ -252,7 +261,7 @@ def write(result: dict, out: Path, csv_rows: str = "core") -> None:
 
         if csv_rows == "core":
             for item, tm in result["timings"].items():
-                row(item, tm, p["model_spec"]["hidden"][0], p["num_params"])
+                row(item, tm, _width(p), p["num_params"])
         for r in result.get("width_sweep", []) if csv_rows == "sweep" else []:
             for item, tm in r.items():
                 if isinstance(tm, dict):

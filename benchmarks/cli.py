@@ -34,8 +34,13 @@ def add_problem_flags(p: argparse.ArgumentParser, json_flag: bool = True) -> Non
     g.add_argument("--dataset", default="auto", choices=["auto", "mnist", "digits"],
                    help="auto: MNIST from --data-dir/$HESSIAN_APPROX_DATA or a prepared tfds copy, else 8x8 digits")
     g.add_argument("--data-dir", default=None, help="directory with the four MNIST IDX files (gz or raw)")
-    g.add_argument("--hidden", type=_ints, default=(10,), help="hidden widths, e.g. 10 or 32,32 (default 10)")
-    g.add_argument("--activation", default="relu", choices=["relu", "tanh", "sigmoid"])
+    g.add_argument("--model", default=None, metavar="MODEL",
+                   help="mlp (default), cnn, or a layer string such as "
+                        "conv8k5-relu-maxpool2-conv16k5-relu-maxpool2-flatten-dense10 (see README); "
+                        "with --checkpoint: the file's architecture")
+    g.add_argument("--hidden", type=_ints, default=None, help="hidden widths of --model mlp, e.g. 10 or 32,32 (default 10)")
+    g.add_argument("--activation", default=None, choices=["relu", "tanh", "sigmoid"],
+                   help="replaces every activation of the model (default: relu, or as the layer string says)")
     g.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])
     g.add_argument("--checkpoint", default=None, help="weights from `hessian-approx train`; default: train now")
     g.add_argument("--epochs", type=int, default=None,

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hessian_approx.architecture import PRESETS, Architecture, mlp, parse
 from jax_impl import checkpoint, data, losses, models, operators, sharding, train
 from jax_impl.errors import HessianApproxError, check_finite
 from jax_impl.materialize import dense
@@ -29,14 +30,39 @@ def progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, disable=None)
 
 
+def architecture_from_flags(model: str | None, hidden, activation: str | None, image_shape,
+                            num_classes: int) -> Architecture:
+    """The network the flags describe, on data of per-sample ``image_shape`` (H, W, C).
+
+    ``mlp`` (the default) is Dense(h)-act-...-Dense(C) on the flattened images with --hidden
+    widths; ``cnn`` and layer strings are parsed as written. --activation replaces every
+    activation of a preset or string.
+    """
+    name = (model or "mlp").strip()
+    if name.lower() == "mlp":
+        return mlp(int(np.prod(image_shape)), tuple(hidden or (10,)), num_classes, activation or "relu")
+    if hidden is not None:
+        raise HessianApproxError(f"--hidden applies to --model mlp, not {name!r}",
+                                 "write the widths into the layer string, e.g. dense32-relu-dense10")
+    text = PRESETS.get(name.lower(), name)
+    if activation:
+        text = "-".join(activation if w in ("relu", "tanh", "sigmoid") else w for w in text.split("-"))
+    arch = parse(text, image_shape)
+    if arch.num_classes != num_classes:
+        raise HessianApproxError(f"model {name!r} ends in {arch.num_classes} outputs but the data have "
+                                 f"{num_classes} classes", f"end the layer string with dense{num_classes}")
+    return arch
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     """Everything that defines a run; every command-line flag maps to one field."""
 
     dataset: str = "auto"
     data_dir: str | None = None
-    hidden: tuple[int, ...] = (10,)
-    activation: str = "relu"
+    model: str | None = None  # None: "mlp", or the --checkpoint's architecture
+    hidden: tuple[int, ...] | None = None  # None: (10,) (mlp only)
+    activation: str | None = None  # None: as the architecture says (relu for the presets)
     loss: str = "cross_entropy"
     hessian_samples: int = 1000
     seed: int = 0
@@ -93,16 +119,27 @@ class Context:
         return ds
 
     @functools.cached_property
-    def spec(self) -> models.ModelSpec:
+    def arch(self) -> Architecture:
+        """The network: --model (preset or layer string) with --hidden/--activation, or the checkpoint's."""
         o = self.options
-        return models.ModelSpec(input_dim=self.dataset.x_train.shape[1], hidden=tuple(o.hidden),
-                                output_dim=10, activation=o.activation)
+        if o.checkpoint and o.model is None and o.hidden is None and o.activation is None:
+            return self._checkpoint[1]
+        return architecture_from_flags(o.model, o.hidden, o.activation, self.dataset.image_shape,
+                                       self.dataset.num_classes)
+
+    @functools.cached_property
+    def _checkpoint(self):
+        return checkpoint.load_checkpoint(self.options.checkpoint)
 
     @functools.cached_property
     def params(self):
         o = self.options
         if o.checkpoint:
-            params, _, meta = checkpoint.load_checkpoint(o.checkpoint, self.spec)
+            params, stored, meta = self._checkpoint
+            if stored != self.arch:
+                raise HessianApproxError(
+                    f"checkpoint {o.checkpoint} holds {stored.describe()} but --model asks for {self.arch.describe()}",
+                    "leave out --model/--hidden/--activation (the file's architecture is used) or pass another --checkpoint")
             self.train_info = {"checkpoint": str(o.checkpoint), **meta}
             log(f"weights: loaded {o.checkpoint}")
         else:
@@ -114,13 +151,13 @@ class Context:
         o = self.options
         epochs = o.epochs or (5 if self.dataset.name == "mnist" else 100)
         cfg = train.TrainConfig(epochs=epochs, seed=o.seed, loss=o.loss)
-        log(f"training {self.spec.describe()} on {self.dataset.name} for {epochs} epochs (seed {o.seed})")
+        log(f"training {self.arch.describe()} on {self.dataset.name} for {epochs} epochs (seed {o.seed})")
         bar = progress_bar(epochs, "train")
         t0 = time.perf_counter()
-        params, hist = train.train(self.spec, self.dataset.x_train, self.dataset.y_train, cfg,
+        params, hist = train.train(self.arch, self.dataset.x_train, self.dataset.y_train, cfg,
                                    progress=lambda e, l: (bar.update(1), bar.set_postfix(loss=f"{l:.3f}")))
         bar.close()
-        apply = models.make_apply(self.spec)
+        apply = models.make_apply(self.arch)
         info = {"trained": True, "epochs": epochs, "final_loss": hist["loss"][-1],
                 "train_accuracy": train.accuracy(apply, params, self.dataset.x_train, self.dataset.y_train),
                 "test_accuracy": train.accuracy(apply, params, self.dataset.x_test, self.dataset.y_test),
@@ -130,9 +167,10 @@ class Context:
 
     @functools.cached_property
     def subset(self):
-        """The fixed, seeded Hessian subset (x (n, D), y (n,))."""
-        return data.hessian_subset(self.dataset.x_train, self.dataset.y_train,
+        """The fixed, seeded Hessian subset (x (n, *input_shape), y (n,))."""
+        x, y = data.hessian_subset(self.dataset.x_train, self.dataset.y_train,
                                    self.options.hessian_samples, self.options.seed)
+        return models.as_inputs(self.arch, x), y
 
     @functools.cached_property
     def problem(self) -> operators.Problem:
@@ -140,7 +178,7 @@ class Context:
         batches = sharding.sharded_batches(x, y, self.options.chunk_size, dtype=self.dtype)
         for name, value in models.flatten_tree(self.params).items():
             check_finite(f"the weights {name}", value)
-        return operators.Problem(models.make_apply(self.spec), losses.get_loss(self.options.loss),
+        return operators.Problem(models.make_apply(self.arch), losses.get_loss(self.options.loss),
                                  self.params, batches)
 
     @functools.cached_property
@@ -181,7 +219,7 @@ class Context:
         ds = self.dataset
         _ = self.params  # fills self.train_info
         return {**ds.provenance(), "hessian_samples": o.hessian_samples, "subset_seed": o.seed,
-                "model": self.spec.describe(), "model_spec": self.spec.to_dict(),
-                "num_params": self.spec.num_params, "loss": o.loss, "dtype": o.dtype, "seed": o.seed,
+                "model": self.arch.describe(), "architecture": self.arch.to_dict(),
+                "num_params": self.arch.num_params, "loss": o.loss, "dtype": o.dtype, "seed": o.seed,
                 "chunk_size": o.chunk_size, "devices": [str(d) for d in jax.devices()],
                 "machine": machine(), "versions": versions(), "weights": self.train_info}

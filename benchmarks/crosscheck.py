@@ -20,7 +20,7 @@ def crosscheck(ctx, num_vectors: int = 3) -> dict:
     from torch_ref import exact
 
     model, x, y = twin(ctx)
-    spec, loss = ctx.spec, ctx.options.loss
+    spec, loss = ctx.arch, ctx.options.loss
     out = {}
     l_jax = float(operators.loss(ctx.problem))
     l_torch, g_torch = exact.loss_and_grad(model, x, y, loss)

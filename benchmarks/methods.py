@@ -36,23 +36,23 @@ def method(name: str, description: str, check: Callable | None = None):
 def check_dense_fits(ctx) -> None:
     from jax_impl.materialize import check_fits
 
-    check_fits(ctx.spec.num_params, ctx.dtype, what="dense Hessian", copies=3)  # matrix, device copy, eigh work
+    check_fits(ctx.arch.num_params, ctx.dtype, what="dense Hessian", copies=3)  # matrix, device copy, eigh work
 
 
 def check_k(ctx) -> None:
     from jax_impl.errors import HessianApproxError
 
-    if ctx.options.k > ctx.spec.num_params:
+    if ctx.options.k > ctx.arch.num_params:
         raise HessianApproxError(
-            f"k={ctx.options.k} eigenvalues requested but the model has only {ctx.spec.num_params} parameters",
-            f"choose -k between 1 and {ctx.spec.num_params}")
+            f"k={ctx.options.k} eigenvalues requested but the model has only {ctx.arch.num_params} parameters",
+            f"choose -k between 1 and {ctx.arch.num_params}")
 
 
 def check_lanczos(ctx) -> None:
     from jax_impl.errors import HessianApproxError
 
     check_k(ctx)
-    steps, d, k = ctx.options.lanczos_steps, ctx.spec.num_params, ctx.options.k
+    steps, d, k = ctx.options.lanczos_steps, ctx.arch.num_params, ctx.options.k
     if steps is not None and not k <= steps <= d:
         raise HessianApproxError(f"--lanczos-steps {steps} is outside k..d = {k}..{d}",
                                  f"pass --lanczos-steps between {k} and {d}")
@@ -61,9 +61,9 @@ def check_lanczos(ctx) -> None:
 def check_slq(ctx) -> None:
     from jax_impl.errors import HessianApproxError
 
-    if ctx.options.slq_steps > ctx.spec.num_params:
-        raise HessianApproxError(f"--slq-steps {ctx.options.slq_steps} exceeds the {ctx.spec.num_params} parameters",
-                                 f"pass --slq-steps <= {ctx.spec.num_params}")
+    if ctx.options.slq_steps > ctx.arch.num_params:
+        raise HessianApproxError(f"--slq-steps {ctx.options.slq_steps} exceeds the {ctx.arch.num_params} parameters",
+                                 f"pass --slq-steps <= {ctx.arch.num_params}")
 
 
 def timed(fn, *args, **kwargs):

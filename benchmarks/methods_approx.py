@@ -33,7 +33,7 @@ def jax_approximation(ctx, name: str):
     if name not in cache:
         fn = APPROXIMATIONS[name]
         t0 = time.perf_counter()
-        struct = jax.block_until_ready(fn(ctx.problem, ctx.spec, ctx.key(name), ctx.options.mc_samples))
+        struct = jax.block_until_ready(fn(ctx.problem, ctx.arch, ctx.key(name), ctx.options.mc_samples))
         cache[name] = (struct, time.perf_counter() - t0)
     return cache[name]
 

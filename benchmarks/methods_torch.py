@@ -19,7 +19,7 @@ def twin(ctx):
         from torch_ref.models import build_twin
 
         dtype = torch.float64 if ctx.options.dtype == "float64" else torch.float32
-        model = load_into_torch(build_twin(ctx.spec.to_dict(), dtype), ctx.params, ctx.spec)
+        model = load_into_torch(build_twin(ctx.arch.to_dict(), dtype), ctx.params, ctx.arch)
         x, y = ctx.subset
         ctx.__dict__["_twin"] = (model, np.asarray(x, np.dtype(ctx.options.dtype)), np.asarray(y))
     return ctx.__dict__["_twin"]
@@ -40,7 +40,7 @@ def torch_hessian(ctx) -> tuple[np.ndarray, float]:
 def check_torch_dense(ctx) -> None:
     from torch_ref.exact import check_memory
 
-    check_memory(ctx.spec.num_params, np.dtype(ctx.options.dtype).itemsize)
+    check_memory(ctx.arch.num_params, np.dtype(ctx.options.dtype).itemsize)
 
 
 @method("torch:exact", "PyTorch: dense Hessian by autodiff twice (fastest of torch.func/autograd/loop), eigvalsh, trace",
@@ -112,7 +112,7 @@ def backpack_structure(ctx, name: str):
                            seed=ctx.options.seed)
         dtype = jnp.float64 if ctx.options.dtype == "float64" else jnp.float32
         conv = to_diagonal if name.startswith("diag") else to_kronecker
-        cache[name] = (conv(res, ctx.spec, dtype=dtype), res["seconds"])
+        cache[name] = (conv(res, ctx.arch, dtype=dtype), res["seconds"])
     return cache[name]
 
 

@@ -66,7 +66,7 @@ def reproduce(ctx: Context, out_dir, sweep_samples: int = 1000, sweep_seeds: int
     t0 = time.perf_counter()
     record = rec.new_record("reproduce", ctx.provenance())
     if not ctx.options.checkpoint:
-        save_checkpoint(out / "model.safetensors", ctx.params, ctx.spec,
+        save_checkpoint(out / "model.safetensors", ctx.params, ctx.arch,
                         {**ctx.train_info, **ctx.dataset.provenance()})
     run_methods(ctx, names, record, on_error="record")
     for name, why in skipped.items():

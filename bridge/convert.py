@@ -1,62 +1,111 @@
-"""Parameter conversion between the Flax MLP (kernel (in, out)) and its torch twin (weight (out, in)).
+"""Flax parameters <-> the torch twin's state_dict, by one layout rule per parameterized layer kind.
 
-Layout of one Dense layer i, Flax name ``Dense_i``, torch ``nn.Linear`` at Sequential index 2*i:
+Layer ``p`` of ``arch.param_layers`` (Flax name ``p.name``, torch Sequential index ``p.index``):
 
-    Flax  params["Dense_i"]["kernel"] (in, out)   <->  torch state_dict["{2i}.weight"] (out, in)
-    Flax  params["Dense_i"]["bias"]   (out,)      <->  torch state_dict["{2i}.bias"]   (out,)
+    Flax  params[p.name]["kernel"]  <->  torch state_dict[f"{p.index}.weight"]   (LAYOUT_RULES[kind])
+    Flax  params[p.name]["bias"]    <->  torch state_dict[f"{p.index}.bias"]     (out,), as is
 
-The conversion is a transpose (copied, C-contiguous) and nothing else, so the round trip is
-bitwise exact in every dtype. This module imports only numpy at import time (torch inside the
-functions that need it, never jax), so ``bridge.weights`` can use it without JAX.
+Rules (``LAYOUT_RULES``):
+
+- dense: kernel (in, out) -> weight (out, in) = kernelᵀ. For a Dense fed by a Flatten
+  (``p.flat_from = (H, W, C)``) the kernel's rows are in Flax's NHWC flattening order
+  (h, w, c) and torch's weight columns in NCHW order (c, h, w), so the rows are permuted
+  too: ``kernel.reshape(H, W, C, out).transpose(2, 0, 1, 3).reshape(-1, out).T``.
+- conv2d: kernel HWIO (kh, kw, in, out) -> weight OIHW (out, in, kh, kw).
+
+Each rule only moves entries (transposes and reshapes, copied C-contiguous), so round trips
+are bitwise exact in every dtype, and ``bridge.permutation`` derives the flat-order
+permutation by pushing index arrays through the same rules. Imports only numpy and the
+framework-free description at import time (torch inside the functions that need it, never jax).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import dataclasses
+from typing import Callable, Mapping
 
 import numpy as np
 
-from jax_impl.errors import HessianApproxError
+from hessian_approx.architecture import Architecture, ParamLayer
+from hessian_approx.errors import HessianApproxError
 
-_ACTIVATION_CLASSES = {"relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid"}  # torch.nn class names
-
-
-def spec_dict(spec) -> dict[str, Any]:
-    """A ModelSpec, or its dict, as a plain dict ``{"input_dim", "hidden", "output_dim", "activation", "kind"}``."""
-    if hasattr(spec, "to_dict"):
-        return dict(spec.to_dict())
-    if isinstance(spec, Mapping):
-        d = dict(spec)
-        if "hidden" in d:
-            d["hidden"] = list(d["hidden"])
-        return d
-    raise HessianApproxError(f"model spec {spec!r} is neither a ModelSpec nor a dict",
-                             "pass a ModelSpec or ModelSpec.to_dict()")
+LEAVES = ("kernel", "bias")  # Flax leaves of every parameterized kind
+TORCH_LEAVES = ("weight", "bias")  # their torch names, in model.parameters() order
 
 
-def layer_dims(spec) -> list[tuple[str, int, int]]:
-    """[(Flax name "Dense_i", in_features, out_features), ...] in network order, for a spec or its dict."""
-    d = spec_dict(spec)
-    kind = d.get("kind", "mlp")
-    if kind != "mlp":
-        raise HessianApproxError(f"model kind {kind!r} is not supported by the bridge", "use kind 'mlp'")
-    missing = [k for k in ("input_dim", "output_dim") if k not in d]
-    if missing:
-        raise HessianApproxError(f"model spec {d!r} lacks {', '.join(missing)}",
-                                 "pass the dict produced by ModelSpec.to_dict()")
-    try:
-        widths = (int(d["input_dim"]), *(int(h) for h in d.get("hidden", ())), int(d["output_dim"]))
-    except (TypeError, ValueError):
-        raise HessianApproxError(f"model spec {d!r} has non-integer widths",
-                                 "give input_dim, hidden and output_dim as integers") from None
-    if min(widths) < 1:
-        raise HessianApproxError(f"layer widths {widths} must all be positive", "fix the spec's widths")
-    return [(f"Dense_{i}", a, b) for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))]
+@dataclasses.dataclass(frozen=True)
+class LayoutRule:
+    """The Flax kernel <-> torch weight layout of one layer kind (biases are (out,) in both).
+
+    Attributes:
+      weight_shape: ParamLayer -> torch weight shape.
+      to_torch: (ParamLayer, kernel in the Flax shape) -> weight in the torch shape.
+      to_flax: (ParamLayer, weight) -> kernel; the inverse of ``to_torch``.
+    Both maps only move entries, so they work on any array, index arrays included.
+    """
+
+    weight_shape: Callable[[ParamLayer], tuple]
+    to_torch: Callable[[ParamLayer, np.ndarray], np.ndarray]
+    to_flax: Callable[[ParamLayer, np.ndarray], np.ndarray]
 
 
-def torch_key(layer: int, leaf: str) -> str:
-    """State-dict key of Dense layer ``layer``'s ``leaf`` ("weight" or "bias"): "{2*layer}.{leaf}"."""
-    return f"{2 * layer}.{leaf}"
+def _dense_to_torch(p: ParamLayer, kernel: np.ndarray) -> np.ndarray:
+    """kernel (in, out), rows (h, w, c) after a Flatten -> weight (out, in), columns (c, h, w)."""
+    if p.flat_from is not None:
+        h, w, c = p.flat_from
+        kernel = kernel.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(h * w * c, -1)
+    return np.ascontiguousarray(kernel.T)
+
+
+def _dense_to_flax(p: ParamLayer, weight: np.ndarray) -> np.ndarray:
+    """weight (out, in) -> kernel (in, out); the inverse of ``_dense_to_torch``."""
+    kernel = weight.T
+    if p.flat_from is not None:
+        h, w, c = p.flat_from
+        kernel = kernel.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(h * w * c, -1)
+    return np.ascontiguousarray(kernel)
+
+
+LAYOUT_RULES: dict[str, LayoutRule] = {
+    "dense": LayoutRule(
+        weight_shape=lambda p: tuple(p.shapes["kernel"][::-1]),
+        to_torch=_dense_to_torch,
+        to_flax=_dense_to_flax,
+    ),
+    "conv2d": LayoutRule(  # HWIO (kh, kw, in, out) <-> OIHW (out, in, kh, kw)
+        weight_shape=lambda p: tuple(p.shapes["kernel"][i] for i in (3, 2, 0, 1)),
+        to_torch=lambda p, kernel: np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)),
+        to_flax=lambda p, weight: np.ascontiguousarray(weight.transpose(2, 3, 1, 0)),
+    ),
+}
+
+
+def architecture(arch) -> Architecture:
+    """An Architecture from itself, its ``to_dict()`` dict or the first version's MLP spec dict."""
+    if isinstance(arch, Architecture):
+        return arch
+    if isinstance(arch, Mapping):
+        return Architecture.from_dict(dict(arch))
+    raise HessianApproxError(f"architecture {arch!r} is neither an Architecture nor its dict",
+                             "pass hessian_approx.architecture.parse(...) or Architecture.to_dict()")
+
+
+def rule(p: ParamLayer) -> LayoutRule:
+    """The layout rule of a parameter layer's kind (a one-line error for a kind without one)."""
+    if p.layer.kind not in LAYOUT_RULES:
+        raise HessianApproxError(f"layer {p.name} ({p.layer.kind}) has no Flax/torch layout rule",
+                                 f"use layers of kinds {', '.join(LAYOUT_RULES)} for the torch twin")
+    return LAYOUT_RULES[p.layer.kind]
+
+
+def torch_key(p: ParamLayer, leaf: str) -> str:
+    """State-dict key of a parameter layer's ``leaf`` ("weight" or "bias"): "{p.index}.{leaf}"."""
+    return f"{p.index}.{leaf}"
+
+
+def torch_shapes(p: ParamLayer) -> dict[str, tuple]:
+    """{"weight": torch weight shape, "bias": (out,)} of a parameter layer."""
+    return {"weight": tuple(rule(p).weight_shape(p)), "bias": tuple(p.shapes["bias"])}
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -70,180 +119,184 @@ def _to_numpy(value) -> np.ndarray:
     return np.array(value, copy=True)
 
 
-def _check_shape(what: str, value: np.ndarray, expected: tuple[int, ...], fix: str) -> None:
-    if tuple(value.shape) != expected:
-        raise HessianApproxError(f"{what} has shape {tuple(value.shape)}, expected {expected}", fix)
+def _check_shape(what: str, value: np.ndarray, expected: tuple, fix: str) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise HessianApproxError(f"{what} has shape {tuple(value.shape)}, expected {tuple(expected)}", fix)
 
 
-def flax_to_torch(params, spec) -> dict[str, np.ndarray]:
-    """The torch twin's state_dict, as numpy, from a Flax parameter tree.
-
-    Args:
-      params: {"Dense_i": {"kernel": (in, out), "bias": (out,)}, ...} (numpy or jax leaves,
-        dict or FrozenDict).
-      spec: the ModelSpec or its dict.
-    Returns:
-      {"0.weight": (out, in), "0.bias": (out,), "2.weight": ..., ...} in network order,
-      C-contiguous numpy arrays in the dtype of the leaves (weight = kernelᵀ, exact).
-    Raises:
-      HessianApproxError naming the layer/leaf and the expected shape when the tree does not
-      match the spec (missing or extra layer or leaf, wrong shape).
-    """
-    layers = layer_dims(spec)
-    if not isinstance(params, Mapping):
-        raise HessianApproxError(f"the Flax parameters are a {type(params).__name__}, not a dict of layers",
-                                 "pass the tree {'Dense_0': {'kernel', 'bias'}, ...} (e.g. from init_params)")
-    fix = "pass parameters of the model this spec describes"
-    expected_names = [name for name, _, _ in layers]
-    extra = sorted(set(params) - set(expected_names))
+def _flax_leaves(params, p: ParamLayer, fix: str) -> dict[str, np.ndarray]:
+    """{"kernel", "bias"} of layer ``p`` from a Flax tree, checked against its shapes."""
+    want = f"kernel {p.shapes['kernel']} and bias {p.shapes['bias']}"
+    if p.name not in params:
+        raise HessianApproxError(f"Flax parameters lack layer {p.name!r} (expected {want})", fix)
+    leaves = params[p.name]
+    if not isinstance(leaves, Mapping):
+        raise HessianApproxError(f"Flax layer {p.name!r} is a {type(leaves).__name__}, not a dict of leaves", fix)
+    extra = sorted(set(leaves) - set(LEAVES))
     if extra:
-        raise HessianApproxError(f"Flax parameters hold layer {extra[0]!r} that the spec {expected_names} lacks", fix)
-    out: dict[str, np.ndarray] = {}
-    for i, (name, a, b) in enumerate(layers):
-        if name not in params:
-            raise HessianApproxError(
-                f"Flax parameters lack layer {name!r} (expected kernel {(a, b)} and bias {(b,)})", fix)
-        leaves = params[name]
-        if not isinstance(leaves, Mapping):
-            raise HessianApproxError(f"Flax layer {name!r} is a {type(leaves).__name__}, not a dict of leaves", fix)
-        extra = sorted(set(leaves) - {"kernel", "bias"})
-        if extra:
-            raise HessianApproxError(
-                f"Flax layer {name!r} holds {extra[0]!r}; a Dense layer has only kernel {(a, b)} and bias {(b,)}", fix)
-        for leaf, shape in (("kernel", (a, b)), ("bias", (b,))):
-            if leaf not in leaves:
-                raise HessianApproxError(f"Flax layer {name!r} lacks {leaf!r} (expected shape {shape})", fix)
-        kernel = _to_numpy(leaves["kernel"])
-        bias = _to_numpy(leaves["bias"])
-        _check_shape(f"Flax {name}/kernel", kernel, (a, b), fix)
-        _check_shape(f"Flax {name}/bias", bias, (b,), fix)
-        out[torch_key(i, "weight")] = np.ascontiguousarray(kernel.T)
-        out[torch_key(i, "bias")] = np.ascontiguousarray(bias)
+        raise HessianApproxError(f"Flax layer {p.name!r} holds {extra[0]!r}; a {p.layer.kind} layer has only {want}",
+                                 fix)
+    out = {}
+    for leaf in LEAVES:
+        if leaf not in leaves:
+            raise HessianApproxError(f"Flax layer {p.name!r} lacks {leaf!r} (expected shape {p.shapes[leaf]})", fix)
+        out[leaf] = _to_numpy(leaves[leaf])
+        _check_shape(f"Flax {p.name}/{leaf}", out[leaf], p.shapes[leaf], fix)
     return out
 
 
-def torch_to_flax(state_dict, spec) -> dict[str, dict[str, np.ndarray]]:
+def flax_to_torch(params, arch) -> dict[str, np.ndarray]:
+    """The torch twin's state_dict, as numpy, from a Flax parameter tree.
+
+    Args:
+      params: {"Conv_0": {"kernel": (kh, kw, in, out), "bias": (out,)}, "Dense_0": {"kernel":
+        (in, out), "bias"}, ...} (numpy or jax leaves, dict or FrozenDict; any dtype, integer
+        index arrays included).
+      arch: the Architecture, or its dict.
+    Returns:
+      {"{i}.weight": torch layout, "{i}.bias": (out,), ...} in network order (= the order of
+      ``model.parameters()``), C-contiguous numpy arrays in the dtype of the leaves.
+    Raises:
+      HessianApproxError naming the layer/leaf and the expected shape when the tree does not
+      match the architecture (missing or extra layer or leaf, wrong shape).
+    """
+    arch = architecture(arch)
+    if not isinstance(params, Mapping):
+        raise HessianApproxError(f"the Flax parameters are a {type(params).__name__}, not a dict of layers",
+                                 "pass the tree {'Dense_0': {'kernel', 'bias'}, ...} (e.g. from init_params)")
+    fix = f"pass parameters of the model {arch.to_string()!r}"
+    extra = sorted(set(params) - set(arch.layer_names))
+    if extra:
+        raise HessianApproxError(
+            f"Flax parameters hold layer {extra[0]!r} that the architecture's {list(arch.layer_names)} lack", fix)
+    out: dict[str, np.ndarray] = {}
+    for p in arch.param_layers:
+        leaves = _flax_leaves(params, p, fix)
+        out[torch_key(p, "weight")] = rule(p).to_torch(p, leaves["kernel"])
+        out[torch_key(p, "bias")] = np.ascontiguousarray(leaves["bias"])
+    return out
+
+
+def torch_to_flax(state_dict, arch) -> dict[str, dict[str, np.ndarray]]:
     """A Flax parameter tree (numpy leaves) from the torch twin's state_dict.
 
     Args:
-      state_dict: {"0.weight": (out, in), "0.bias": (out,), ...} of torch tensors or numpy arrays
-        (e.g. ``model.state_dict()`` or the output of ``flax_to_torch``).
-      spec: the ModelSpec or its dict.
+      state_dict: {"{i}.weight", "{i}.bias", ...} of torch tensors or numpy arrays (e.g.
+        ``model.state_dict()`` or the output of ``flax_to_torch``).
+      arch: the Architecture, or its dict.
     Returns:
-      {"Dense_i": {"bias": (out,), "kernel": (in, out)}, ...}, C-contiguous numpy leaves in the
-      dtype of the tensors (kernel = weightᵀ, exact). Pass through ``jax.numpy.asarray`` (or
+      {name: {"bias": (out,), "kernel": Flax shape}, ...} in network order, C-contiguous numpy
+      leaves in the dtype of the tensors. Pass through ``jax.numpy.asarray`` (or
       ``jax_impl.models.unflatten_tree``) for JAX arrays.
     Raises:
-      HessianApproxError naming the key and the expected shape when the state_dict does not match
-      the spec (missing or extra key, wrong shape: e.g. a Conv2d or BatchNorm in place of a Linear).
+      HessianApproxError naming the key, its layer and the expected shape when the state_dict
+      does not match the architecture (missing or extra key, wrong shape).
     """
-    layers = layer_dims(spec)
+    arch = architecture(arch)
     if not isinstance(state_dict, Mapping):
         raise HessianApproxError(f"the torch state_dict is a {type(state_dict).__name__}, not a dict",
                                  "pass model.state_dict()")
-    fix = "pass the state_dict of the torch twin of this spec (torch_ref.models.build_twin)"
-    expected = {}
-    for i, (name, a, b) in enumerate(layers):
-        expected[torch_key(i, "weight")] = (b, a)
-        expected[torch_key(i, "bias")] = (b,)
+    fix = "pass the state_dict of the torch twin of this architecture (torch_ref.models.build_twin)"
+    expected = {torch_key(p, leaf): (p, s) for p in arch.param_layers for leaf, s in torch_shapes(p).items()}
     extra = [k for k in state_dict if k not in expected]
     if extra:
-        raise HessianApproxError(
-            f"torch state_dict holds {extra[0]!r}, which the twin of {'-'.join(str(a) for _, a, _ in layers)}-"
-            f"{layers[-1][2]} lacks (expected keys {list(expected)})", fix)
+        raise HessianApproxError(f"torch state_dict holds {extra[0]!r}, which the twin of {arch.to_string()!r} "
+                                 f"lacks (expected keys {list(expected)})", fix)
     tree: dict[str, dict[str, np.ndarray]] = {}
-    for i, (name, a, b) in enumerate(layers):
+    for p in arch.param_layers:
         arrays = {}
-        for leaf in ("weight", "bias"):
-            key = torch_key(i, leaf)
+        for leaf, shape in torch_shapes(p).items():
+            key = torch_key(p, leaf)
             if key not in state_dict:
-                raise HessianApproxError(
-                    f"torch state_dict lacks {key!r} (layer {name}, expected shape {expected[key]})", fix)
+                raise HessianApproxError(f"torch state_dict lacks {key!r} (layer {p.name}, expected shape {shape})", fix)
             arrays[leaf] = _to_numpy(state_dict[key])
-            _check_shape(f"torch {key} (layer {name})", arrays[leaf], expected[key], fix)
-        tree[name] = {"bias": np.ascontiguousarray(arrays["bias"]),
-                      "kernel": np.ascontiguousarray(arrays["weight"].T)}
+            _check_shape(f"torch {key} (layer {p.name})", arrays[leaf], shape, fix)
+        tree[p.name] = {"bias": np.ascontiguousarray(arrays["bias"]), "kernel": rule(p).to_flax(p, arrays["weight"])}
     return tree
 
 
-def check_twin(model, spec) -> None:
-    """Raise HessianApproxError unless ``model`` has the torch twin's structure for ``spec``.
+def _describe(module) -> str:
+    """One line: "Conv2d(2, 3, kernel_size=(3, 3), stride=(1, 1))"."""
+    return f"{type(module).__name__}({module.extra_repr()})"
 
-    The twin is ``nn.Sequential(Linear(D, h_1), Act(), Linear(h_1, h_2), ..., Linear(h_L, C))``
-    with biases, and Act the spec's activation (ReLU, Tanh or Sigmoid). The message names the
-    Sequential index and the layer found (e.g. an unsupported Conv2d or GELU).
+
+_PAIRS = ("kernel_size", "stride", "padding", "dilation")
+
+
+def _config(module) -> tuple:
+    """A module's type and public configuration, ints of window-like fields as pairs, bias presence."""
+    cfg = {k: v for k, v in vars(module).items()
+           if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, tuple, type(None)))}
+    for k in _PAIRS:
+        if isinstance(cfg.get(k), int):
+            cfg[k] = (cfg[k], cfg[k])
+    if "bias" in module._parameters:
+        cfg["bias"] = module.bias is not None
+    return type(module), sorted(cfg.items())
+
+
+def check_twin(model, arch) -> None:
+    """Raise HessianApproxError unless ``model`` has the torch twin's structure for ``arch``.
+
+    The twin is ``torch_ref.models.build_twin(arch)``: an ``nn.Sequential`` with one module per
+    layer. Each module must have the expected type and configuration (in/out sizes, kernel,
+    stride, padding, window, bias); the message names the Sequential index, what was found, what
+    was expected and, for a parameter layer, its Flax name and torch shapes.
     """
+    import torch
     from torch import nn
 
-    layers = layer_dims(spec)
-    activation = spec_dict(spec).get("activation", "relu")
-    if activation not in _ACTIVATION_CLASSES:
-        raise HessianApproxError(f"activation {activation!r} is not supported by the bridge",
-                                 f"choose one of {', '.join(_ACTIVATION_CLASSES)}")
-    act_cls = getattr(nn, _ACTIVATION_CLASSES[activation])
-    fix = "build the model with torch_ref.models.build_twin(spec)"
+    from torch_ref.models import twin_layer
+
+    arch = architecture(arch)
+    fix = "build the model with torch_ref.models.build_twin(arch)"
     if not isinstance(model, nn.Sequential):
         raise HessianApproxError(f"the torch model is a {type(model).__name__}, not an nn.Sequential twin", fix)
+    names = {p.index: p for p in arch.param_layers}
     children = list(model.named_children())
-    for idx, (key, module) in enumerate(children):
-        if idx % 2 == 0:
-            i = idx // 2
-            if not isinstance(module, nn.Linear):
-                want = f"Linear({layers[i][1]}, {layers[i][2]})" if i < len(layers) else "nothing"
-                raise HessianApproxError(
-                    f"torch layer {key} is an unsupported {type(module).__name__}; expected {want} (Flax Dense_{i})",
-                    fix)
-            if i >= len(layers):
-                raise HessianApproxError(
-                    f"torch layer {key} (Linear {module.in_features}->{module.out_features}) is beyond the spec's "
-                    f"{len(layers)} Dense layers", fix)
-            name, a, b = layers[i]
-            if (module.in_features, module.out_features) != (a, b) or module.bias is None:
-                raise HessianApproxError(
-                    f"torch layer {key} is Linear({module.in_features}, {module.out_features}, "
-                    f"bias={module.bias is not None}); expected Linear({a}, {b}, bias=True) for Flax {name} "
-                    f"(weight {(b, a)}, bias {(b,)})", fix)
-        elif not isinstance(module, act_cls):
-            raise HessianApproxError(
-                f"torch layer {key} is an unsupported {type(module).__name__}; expected {act_cls.__name__} "
-                f"(activation {activation!r}) between Dense layers", fix)
-    need = 2 * len(layers) - 1
-    if len(children) < need:
-        idx = len(children)
-        name, a, b = layers[(idx + 1) // 2]
-        what = f"Linear({a}, {b}) for Flax {name}" if idx % 2 == 0 else f"{act_cls.__name__} before Flax {name}"
-        raise HessianApproxError(f"torch model has {len(children)} modules but the spec needs {need}: "
-                                 f"it lacks layer {idx} ({what})", fix)
-    if len(children) > need:
-        key, module = children[need]
-        raise HessianApproxError(f"torch model has an extra layer {key} ({type(module).__name__}) after the "
-                                 f"last Linear({layers[-1][1]}, {layers[-1][2]}); the spec needs {need} modules", fix)
+    for i, (layer, shape) in enumerate(zip(arch.layers, arch.shapes)):
+        with torch.device("meta"):  # the module's configuration only, no memory or initialization
+            expected = twin_layer(layer, shape)
+        if i >= len(children):
+            raise HessianApproxError(f"torch model has {len(children)} modules but {arch.to_string()!r} needs "
+                                     f"{len(arch.layers)}: it lacks layer {i} ({_describe(expected)})", fix)
+        key, found = children[i]
+        if _config(found) != _config(expected):
+            what = "an unsupported " if type(found) is not type(expected) else ""
+            p = names.get(i)
+            detail = "" if p is None else (f" for Flax {p.name} (weight {torch_shapes(p)['weight']}, "
+                                           f"bias {torch_shapes(p)['bias']})")
+            raise HessianApproxError(f"torch layer {key} is {what}{_describe(found)}; expected "
+                                     f"{_describe(expected)}{detail}", fix)
+    if len(children) > len(arch.layers):
+        key, found = children[len(arch.layers)]
+        raise HessianApproxError(f"torch model has an extra layer {key} ({_describe(found)}) after the last of "
+                                 f"the {len(arch.layers)} layers of {arch.to_string()!r}", fix)
 
 
-def load_into_torch(model, params, spec):
+def load_into_torch(model, params, arch):
     """Copy Flax ``params`` into the torch twin ``model`` in place; returns ``model``.
 
     Args:
-      model: the ``nn.Sequential`` twin (torch_ref.models.build_twin); its dtype and device are kept
-        (values are cast by ``Tensor.copy_``).
-      params: Flax tree {"Dense_i": {"kernel": (in, out), "bias": (out,)}} (numpy or jax leaves).
-      spec: the ModelSpec or its dict.
+      model: the ``nn.Sequential`` twin (torch_ref.models.build_twin); its dtype and device are
+        kept (values are cast by ``Tensor.copy_``).
+      params: Flax tree {"Conv_0": {"kernel", "bias"}, "Dense_0": ...} (numpy or jax leaves).
+      arch: the Architecture, or its dict.
     Raises:
-      HessianApproxError naming the layer when the model or the tree does not match the spec.
+      HessianApproxError naming the layer when the model or the tree does not match ``arch``.
     """
     import torch
 
-    check_twin(model, spec)
-    state = flax_to_torch(params, spec)
+    check_twin(model, arch)
+    state = flax_to_torch(params, arch)
     named = dict(model.named_parameters())
-    for key, value in state.items():
-        target = named[key]
-        with torch.no_grad():
-            target.copy_(torch.from_numpy(value))
+    with torch.no_grad():
+        for key, value in state.items():
+            named[key].copy_(torch.from_numpy(value))
     return model
 
 
-def state_dict_from_torch(model, spec) -> dict[str, np.ndarray]:
-    """The twin's parameters as a numpy state_dict {"0.weight": (out, in), ...}, after ``check_twin``."""
-    check_twin(model, spec)
+def state_dict_from_torch(model, arch) -> dict[str, np.ndarray]:
+    """The twin's parameters as a numpy state_dict {"{i}.weight": torch layout, ...}, after ``check_twin``."""
+    check_twin(model, arch)
     return {k: _to_numpy(v) for k, v in model.state_dict().items()}

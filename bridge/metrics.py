@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jax_impl.errors import HessianApproxError
+from hessian_approx.errors import HessianApproxError
 
 DEFAULT_FLOOR = 1e-12
 

@@ -1,22 +1,23 @@
 """Flax-layout safetensors weight files read into, and written from, the torch twin without importing JAX.
 
-The file format is ``jax_impl.checkpoint``'s: tensors "Dense_i/kernel" (in, out) and
-"Dense_i/bias" (out,), metadata {"spec": ModelSpec JSON, "layout": "flax", "metadata": JSON}.
-Either side loads what the other wrote. Imports numpy, safetensors and (inside the functions)
-torch and torch_ref.models; never jax or flax.
+The file format is ``jax_impl.checkpoint``'s: tensors "Layer_i/leaf" in the Flax layout
+("Conv_0/kernel" (kh, kw, in, out), "Dense_0/kernel" (in, out), "*/bias" (out,)), metadata
+{"spec": ``Architecture.to_json()``, "layout": "flax", "metadata": provenance JSON}. Files of
+the first, MLP-only, version, whose "spec" is the MLP dict {"input_dim", "hidden",
+"output_dim", "activation", "kind"}, load too. Either side loads what the other wrote.
+Imports numpy, safetensors and (inside the functions) torch and torch_ref.models; never jax or flax.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 
-from bridge.convert import flax_to_torch, spec_dict, state_dict_from_torch, torch_to_flax
-from jax_impl.fileio import atomic_write
-from jax_impl.errors import HessianApproxError, check_finite
+from bridge.convert import architecture, flax_to_torch, state_dict_from_torch, torch_to_flax
+from hessian_approx.architecture import Architecture
+from hessian_approx.errors import HessianApproxError, check_finite
+from hessian_approx.fileio import atomic_write
 
 LAYOUT = "flax"  # as jax_impl.checkpoint.LAYOUT
 
@@ -40,14 +41,15 @@ def _torch_dtype(dtype, stored: np.dtype):
     return result
 
 
-def read_flax_file(path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any], dict]:
+def read_flax_file(path) -> tuple[dict[str, dict[str, np.ndarray]], Architecture, dict]:
     """Read a Flax-layout weight file without JAX.
 
     Returns:
-      (params {"Dense_i": {"bias": (out,), "kernel": (in, out)}} numpy, spec dict, metadata dict).
+      (params {"Conv_0": {"bias": (out,), "kernel": (kh, kw, in, out)}, "Dense_0": ...} numpy,
+       the stored Architecture, metadata dict).
     Raises:
       HessianApproxError when the file is missing, unreadable, not in the Flax layout, holds no
-      spec, does not match its spec (naming the tensor and its expected shape) or holds NaN/Inf.
+      architecture, does not match it (naming the tensor and its expected shape) or holds NaN/Inf.
     """
     from safetensors import SafetensorError, safe_open
     from safetensors.numpy import load_file
@@ -64,31 +66,36 @@ def read_flax_file(path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, An
         raise HessianApproxError(f"weight file {path} is not a readable safetensors file ({err})",
                                  "re-create it with `hessian-approx train`") from None
     if "spec" not in meta:
-        raise HessianApproxError(f"weight file {path} has no model spec in its metadata",
+        raise HessianApproxError(f"weight file {path} has no architecture (\"spec\") in its metadata",
                                  "save it with jax_impl.checkpoint.save_checkpoint or bridge.weights.save_from_torch")
     layout = meta.get("layout", LAYOUT)
     if layout != LAYOUT:
         raise HessianApproxError(f"weight file {path} has layout {layout!r}, expected {LAYOUT!r}",
                                  "save it with jax_impl.checkpoint.save_checkpoint or bridge.weights.save_from_torch")
     try:
-        spec = json.loads(meta["spec"])
+        arch_dict = json.loads(meta["spec"])
         metadata = json.loads(meta.get("metadata", "{}"))
     except json.JSONDecodeError as err:
         raise HessianApproxError(f"weight file {path} has malformed JSON metadata ({err})",
                                  "re-create it with `hessian-approx train`") from None
+    try:
+        arch = architecture(arch_dict)
+    except HessianApproxError as err:
+        raise HessianApproxError(f"weight file {path} has an unusable architecture: {err.problem}", err.fix) from None
     tree: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         layer, _, leaf = key.partition("/")
         if not leaf:
-            raise HessianApproxError(f"weight file {path} holds tensor {key!r}, not named 'Dense_i/kernel' or "
-                                     "'Dense_i/bias'", "re-create it with `hessian-approx train`")
+            raise HessianApproxError(f"weight file {path} holds tensor {key!r}, not named 'Layer_i/leaf' "
+                                     "(e.g. 'Dense_0/kernel')", "re-create it with `hessian-approx train`")
         check_finite(f"the weights {key} in {path}", value)
         tree.setdefault(layer, {})[leaf] = value
     try:
-        flax_to_torch(tree, spec)  # validates every layer, leaf and shape against the spec
+        flax_to_torch(tree, arch)  # validates every layer, leaf and shape against the architecture
     except HessianApproxError as err:
-        raise HessianApproxError(f"weight file {path} does not match its spec: {err.problem}", err.fix) from None
-    return tree, spec, metadata
+        raise HessianApproxError(f"weight file {path} does not match its architecture: {err.problem}",
+                                 err.fix) from None
+    return tree, arch, metadata
 
 
 def load_torch_twin(path, dtype=None):
@@ -99,47 +106,47 @@ def load_torch_twin(path, dtype=None):
       dtype: the twin's dtype: None (default) keeps the file's dtype; else a torch dtype or a name
         such as "float64".
     Returns:
-      (model, spec_dict, metadata): ``model`` the ``nn.Sequential`` from ``torch_ref.models.build_twin``
-      holding the file's weights (weight (out, in) = kernelᵀ), ``spec_dict`` the stored ModelSpec
-      dict, ``metadata`` the stored provenance dict.
+      (model, arch, metadata): ``model`` the ``nn.Sequential`` from ``torch_ref.models.build_twin``
+      holding the file's weights (in the torch layout, ``bridge.convert``), ``arch`` the stored
+      Architecture (legacy MLP specs converted), ``metadata`` the stored provenance dict.
     """
     import torch
 
     from torch_ref.models import build_twin
 
-    tree, spec, metadata = read_flax_file(path)
+    tree, arch, metadata = read_flax_file(path)
     stored = next(iter(next(iter(tree.values())).values())).dtype
-    model = build_twin(spec, _torch_dtype(dtype, stored))
-    state = flax_to_torch(tree, spec)
+    model = build_twin(arch, _torch_dtype(dtype, stored))
     named = dict(model.named_parameters())
     with torch.no_grad():
-        for key, value in state.items():
+        for key, value in flax_to_torch(tree, arch).items():
             named[key].copy_(torch.from_numpy(value))
-    return model, spec, metadata
+    return model, arch, metadata
 
 
-def save_from_torch(path, model, spec, metadata: dict | None = None) -> None:
+def save_from_torch(path, model, arch, metadata: dict | None = None) -> None:
     """Write the twin's weights to ``path`` in the Flax layout (atomically: temp file + rename).
 
     Args:
       path: destination .safetensors file (parents are created).
-      model: the ``nn.Sequential`` twin of ``spec``; checked layer by layer.
-      spec: the ModelSpec dict (or ModelSpec); stored as sorted-key JSON, as ModelSpec.to_json does.
+      model: the ``nn.Sequential`` twin of ``arch``; checked layer by layer.
+      arch: the Architecture (or its dict, or a legacy MLP spec dict); stored as
+        ``Architecture.to_json()``.
       metadata: JSON-serializable provenance, stored under "metadata".
     Raises:
-      HessianApproxError naming the layer when the model does not match the spec, or the tensor
+      HessianApproxError naming the layer when the model does not match ``arch``, or the tensor
       when a weight holds NaN/Inf.
     """
     from safetensors.numpy import save_file
 
-    d = spec_dict(spec)
-    tree = torch_to_flax(state_dict_from_torch(model, d), d)
+    arch = architecture(arch)
+    tree = torch_to_flax(state_dict_from_torch(model, arch), arch)
     tensors = {f"{layer}/{leaf}": np.ascontiguousarray(value)
                for layer, leaves in tree.items() for leaf, value in leaves.items()}
     for key, value in tensors.items():
         check_finite(f"the weights {key}", value)
     try:
-        meta = {"spec": json.dumps(d, sort_keys=True), "layout": LAYOUT, "metadata": json.dumps(metadata or {})}
+        meta = {"spec": arch.to_json(), "layout": LAYOUT, "metadata": json.dumps(metadata or {})}
     except TypeError as err:
         raise HessianApproxError(f"the metadata is not JSON-serializable ({err})",
                                  "pass plain dicts, lists, strings and numbers") from None

@@ -1,4 +1,4 @@
-"""Weight files: safetensors with the ModelSpec and provenance in the metadata, written atomically."""
+"""Weight files: safetensors with the architecture and provenance in the metadata, written atomically."""
 
 from __future__ import annotations
 
@@ -11,25 +11,28 @@ from safetensors.numpy import load_file, save_file
 
 from jax_impl.errors import HessianApproxError, check_finite
 from jax_impl.fileio import atomic_write
-from jax_impl.models import ModelSpec, flatten_tree, param_shapes, unflatten_tree
+from hessian_approx.architecture import Architecture
+from jax_impl.models import flatten_tree, unflatten_tree
 
-LAYOUT = "flax"  # kernels (in, out); the bridge converts to torch's (out, in)
+LAYOUT = "flax"  # Dense kernels (in, out), Conv kernels HWIO; the bridge converts to torch's layouts
 
 
-def save_checkpoint(path, params, spec: ModelSpec, metadata: dict | None = None) -> None:
-    """Write ``params`` (Flax layout) with the spec and JSON metadata to ``path``."""
+def save_checkpoint(path, params, arch: Architecture, metadata: dict | None = None) -> None:
+    """Write ``params`` (Flax layout) with the architecture (JSON under "spec") and metadata to ``path``."""
     tensors = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten_tree(params).items()}
     for name, value in tensors.items():
         check_finite(f"the weights {name}", value)
-    meta = {"spec": spec.to_json(), "layout": LAYOUT, "metadata": json.dumps(metadata or {})}
+    meta = {"spec": arch.to_json(), "layout": LAYOUT, "metadata": json.dumps(metadata or {})}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def load_checkpoint(path, spec: ModelSpec | None = None):
-    """Read a weight file. Returns (params, spec, metadata).
+def load_checkpoint(path, arch: Architecture | None = None):
+    """Read a weight file. Returns (params, architecture, metadata).
 
-    Raises HessianApproxError when the file is missing or unreadable, holds NaN or
-    Inf, or does not match ``spec`` (when given) or its own stored spec.
+    Files of the first, MLP-only, version (their "spec" is the old MLP dict) load as the
+    equivalent Dense architecture. Raises HessianApproxError when the file is missing or
+    unreadable, holds NaN or Inf, or does not match ``arch`` (when given) or its own
+    stored architecture.
     """
     path = Path(path)
     if not path.is_file():
@@ -50,16 +53,16 @@ def load_checkpoint(path, spec: ModelSpec | None = None):
         raise HessianApproxError(f"checkpoint {path} has layout {meta['layout']!r}, not {LAYOUT!r}",
                                  "convert it with bridge.weights.save_from_torch")
     try:
-        stored = ModelSpec.from_json(meta["spec"])
+        stored = Architecture.from_json(meta["spec"])
         extra = json.loads(meta.get("metadata", "{}"))
     except (ValueError, TypeError) as err:
         raise HessianApproxError(f"checkpoint {path} has malformed metadata ({err})",
                                  "re-create it with `hessian-approx train`") from None
-    if spec is not None and spec != stored:
+    if arch is not None and arch != stored:
         raise HessianApproxError(
-            f"checkpoint {path} holds a {stored.describe()} but the model asked for is {spec.describe()}",
-            "pass the matching --hidden/--activation/--dataset or another --checkpoint")
-    expected = param_shapes(stored)
+            f"checkpoint {path} holds {stored.describe()} but the model asked for is {arch.describe()}",
+            "leave out --model/--hidden/--activation (the file's architecture is used) or pass another --checkpoint")
+    expected = stored.param_shapes()
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if got != expected:
         diff = sorted(set(expected.items()) ^ set(got.items()))

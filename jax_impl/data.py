@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import importlib.util
 import logging
+import math
 import os
 import zlib
 
@@ -88,6 +89,25 @@ class Dataset:
                                      f"({self.x_train.shape[1]} vs {self.x_test.shape[1]})",
                                      "load both splits from the same source")
 
+    @property
+    def num_classes(self) -> int:
+        """10: both datasets' labels are checked to lie in 0..9."""
+        return 10
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Per-sample image shape (H, W, 1) of the flattened rows: (28, 28, 1) MNIST, (8, 8, 1) digits.
+
+        Rows are the images flattened row-major, so ``x.reshape(N, H, W, 1)`` restores them
+        (channels last, as every architecture in hessian_approx expects).
+        """
+        d = int(self.x_train.shape[1])
+        side = math.isqrt(d)
+        if side * side != d:
+            raise HessianApproxError(f"{self.name} rows have {d} values, not a square grayscale image",
+                                     "use a flat (dense-first) model on this data")
+        return (side, side, 1)
+
     def provenance(self) -> dict:
         """JSON-serializable description for the result record."""
         return {
@@ -98,6 +118,7 @@ class Dataset:
             "train_size": int(self.x_train.shape[0]),
             "test_size": int(self.x_test.shape[0]),
             "input_dim": int(self.x_train.shape[1]),
+            "image_shape": list(self.image_shape),
         }
 
 

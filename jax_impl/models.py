@@ -15,24 +15,72 @@ from hessian_approx.errors import HessianApproxError
 ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh, "sigmoid": nn.sigmoid}
 
 
-def _pool(fn):
-    return lambda layer, name, dtype, shape: (lambda x: fn(x, layer.window, strides=layer.stride, padding="VALID"))
+def windows(x, window, stride, pads=(0, 0)):
+    """Sliding windows of images, by strided slices (no gather, no convolution).
+
+    Args:
+      x: (B, H, W, C).
+      window: (kh, kw); stride: (sh, sw); pads: symmetric zero padding (ph, pw).
+    Returns:
+      (B, H', W', kh*kw, C), the window axis in row-major (i, j) order, as torch's
+      unfold and max-pool scan it.
+    """
+    (kh, kw), (sh, sw), (ph, pw) = window, stride, pads
+    if ph or pw:
+        x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    return jnp.stack([x[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
+                      for i in range(kh) for j in range(kw)], axis=3)
 
 
-def _conv(layer, name, dtype, shape):
-    ph, pw = layer.pads(shape)
-    return nn.Conv(layer.features, layer.kernel, strides=layer.stride, padding=((ph, ph), (pw, pw)),
-                   name=name, param_dtype=dtype)
+def patches(x, window, stride, pads=(0, 0)):
+    """Unfolded convolution inputs (B, H', W', kh*kw*C) in (kh, kw, C) order: the rows of an HWIO kernel."""
+    w = windows(x, window, stride, pads)
+    return w.reshape(*w.shape[:3], -1)
+
+
+class Conv2d(nn.Module):
+    """Conv2d as patches @ kernel (im2col): Flax nn.Conv's parameters (kernel HWIO, bias) and function.
+
+    Under ``vmap`` over parameter tangents (dense Hessians, batched Hvps) XLA:CPU runs
+    nn.Conv's convolutions as grouped convolutions, 20x slower than this matrix product.
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int]
+    pads: tuple[int, int]
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, x.dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), x.dtype)
+        return patches(x, self.kernel_size, self.strides, self.pads) @ kernel.reshape(-1, self.features) + bias
+
+
+def max_pool(x, window, stride):
+    """Max pooling without padding; the gradient goes to the first maximum of each window in
+    row-major order (as torch's MaxPool2d routes it), never split among ties."""
+    w = windows(x, window, stride)
+    first = jnp.argmax(jax.lax.stop_gradient(w), axis=3, keepdims=True)
+    return jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, w.shape, 3) == first, w, 0), axis=3)
+
+
+def avg_pool(x, window, stride):
+    """Average pooling without padding."""
+    return jnp.mean(windows(x, window, stride), axis=3)
 
 
 # kind -> (layer, Flax name, param dtype, per-sample input shape) -> callable on (B, *in_shape).
-# Flax's own defaults (SAME convolutions, stride-1 pooling) would build a different network
-# than torch's, so every padding and stride is passed explicitly.
+# Every padding and stride is explicit (Flax's own defaults, SAME convolutions and stride-1
+# pooling, would build a different network than torch's).
 FLAX_LAYERS: dict[str, Callable] = {
     "dense": lambda layer, name, dtype, shape: nn.Dense(layer.features, name=name, param_dtype=dtype),
-    "conv2d": _conv,
-    "maxpool2d": _pool(nn.max_pool),
-    "avgpool2d": _pool(nn.avg_pool),
+    "conv2d": lambda layer, name, dtype, shape: Conv2d(layer.features, layer.kernel, layer.stride,
+                                                       layer.pads(shape), name=name),
+    "maxpool2d": lambda layer, name, dtype, shape: (lambda x: max_pool(x, layer.window, layer.stride)),
+    "avgpool2d": lambda layer, name, dtype, shape: (lambda x: avg_pool(x, layer.window, layer.stride)),
     "flatten": lambda layer, name, dtype, shape: (lambda x: x.reshape(x.shape[0], -1)),
     "activation": lambda layer, name, dtype, shape: ACTIVATIONS[layer.name],
 }

@@ -1,4 +1,4 @@
-"""Seeded, jitted optax training of a ModelSpec on a Dataset."""
+"""Seeded, jitted optax training of an Architecture on a Dataset."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ import optax
 
 from jax_impl.errors import HessianApproxError, check_finite
 from jax_impl.losses import get_loss
-from jax_impl.models import ModelSpec, init_params, make_apply
+from hessian_approx.architecture import Architecture
+from jax_impl.models import as_inputs, init_params, make_apply
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Training hyper-parameters (Adam; the defaults give >90% MNIST test accuracy
-    for the 784-10-10 ReLU network)."""
+    for the 784-10-10 ReLU network and >97% for the default CNN)."""
 
     epochs: int = 5
     batch_size: int = 128
@@ -35,36 +36,37 @@ class TrainConfig:
 
 
 def accuracy(apply: Callable, params, x, y, batch_size: int = 10_000) -> float:
-    """Fraction of ``x`` (N, D) whose argmax logit equals ``y`` (N,)."""
+    """Fraction of ``x`` (N, *input_shape) whose argmax logit equals ``y`` (N,).
+
+    ``x`` may also be flat rows (N, D) when ``apply`` comes from ``make_apply`` (reshaped
+    to the architecture's input shape)."""
+    if getattr(apply, "arch", None) is not None:
+        x = as_inputs(apply.arch, x)
     fn = jax.jit(lambda p, xb: jnp.argmax(apply(p, xb), axis=-1))
     hits = sum(int(np.sum(np.asarray(fn(params, x[i:i + batch_size])) == y[i:i + batch_size]))
                for i in range(0, len(x), batch_size))
     return hits / len(x)
 
 
-def train(spec: ModelSpec, x_train, y_train, config: TrainConfig = TrainConfig(),
+def train(arch: Architecture, x_train, y_train, config: TrainConfig = TrainConfig(),
           progress: Callable[[int, float], None] | None = None):
     """Train from a seeded initialization with Adam on mini-batches.
 
     Args:
-      spec: the network.
-      x_train: (N, D) float inputs; y_train: (N,) integer labels.
+      arch: the network.
+      x_train: (N, *input_shape) float inputs (or flat rows of the same size); y_train: (N,) labels.
       config: hyper-parameters; ``config.seed`` fixes init and shuffling.
       progress: called as ``progress(epoch, mean_loss)`` after each epoch.
     Returns:
       (params, history) with history = {"loss": [per-epoch mean loss]}.
     """
-    if x_train.shape[1] != spec.input_dim:
-        raise HessianApproxError(
-            f"data has {x_train.shape[1]} features but the model expects {spec.input_dim}",
-            "build the ModelSpec with input_dim equal to the dataset's",
-        )
+    x_train = as_inputs(arch, x_train)
     check_finite("the training inputs", x_train)
-    apply = make_apply(spec)
+    apply = make_apply(arch)
     ell = get_loss(config.loss)
     key = jax.random.PRNGKey(config.seed)
     init_key, shuffle_key = jax.random.split(key)
-    params = init_params(spec, init_key)
+    params = init_params(arch, init_key)
     opt = optax.adam(config.learning_rate)
     opt_state = opt.init(params)
     x = jnp.asarray(x_train, jnp.float32)

@@ -1,1 +1,1 @@
-"""PyTorch reference side: the twin MLP, exact Hessians by autograd, PyHessian/BackPACK runners (import submodules)."""
+"""PyTorch reference side: the twin of an Architecture, exact Hessians by autograd, PyHessian/BackPACK runners (import submodules)."""

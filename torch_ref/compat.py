@@ -27,7 +27,7 @@ from typing import Iterator
 
 import torch
 
-from jax_impl.errors import HessianApproxError
+from hessian_approx.errors import HessianApproxError
 
 EigResult = collections.namedtuple("EigResult", ["eigenvalues", "eigenvectors"])
 

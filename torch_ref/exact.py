@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from jax_impl.errors import HessianApproxError
+from hessian_approx.errors import HessianApproxError
 from torch_ref import models
 
 METHODS = ("func", "autograd", "loop")
@@ -30,9 +30,10 @@ LOOP_ROWS = 128
 
 
 def prepare(model: nn.Module, x, y, loss: str) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
-    """(inputs (N, D) in the model's dtype, targets as the criterion wants them, criterion).
+    """(inputs in the model's dtype, targets as the criterion wants them, criterion).
 
-    ``y`` is integer labels (N,); for "mse" a float (N, C) target matrix is also taken as is.
+    ``x`` is (N, D) or channels-last images (N, H, W, C), given to the twin as NCHW
+    (``models.as_inputs``). ``y`` is integer labels (N,); for "mse" a float (N, C) target matrix is also taken as is.
     """
     models.check_loss(loss)
     xt = models.as_inputs(model, x)
@@ -40,7 +41,7 @@ def prepare(model: nn.Module, x, y, loss: str) -> tuple[torch.Tensor, torch.Tens
     if loss == "mse" and yt.ndim == 2:
         t = yt.to(xt.dtype)
     else:
-        t = models.targets(yt, loss, models.spec_output_dim(model), xt.dtype)
+        t = models.targets(yt, loss, models.num_classes(model), xt.dtype)
     if t.shape[0] != xt.shape[0]:
         raise HessianApproxError(
             f"{xt.shape[0]} inputs but {t.shape[0]} labels", "pass one label per input row"
@@ -167,8 +168,8 @@ def hessian(model: nn.Module, x, y, loss: str, method: str | None = None) -> np.
     """The dense Hessian (d, d) of the mean loss in torch flat order, in the model's dtype.
 
     Args:
-      model: the twin (N, D) -> (N, C).
-      x: inputs (N, D); y: integer labels (N,).
+      model: the twin (N, D) or NCHW -> (N, C).
+      x: inputs (N, D) or channels-last images (N, H, W, C); y: integer labels (N,).
       loss: "cross_entropy" or "mse".
       method: "func" (torch.func.hessian of the flat-parameter loss), "autograd"
         (torch.autograd.functional.hessian, vectorized), "loop" (double backprop, batched rows),

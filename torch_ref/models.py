@@ -1,60 +1,74 @@
-"""The PyTorch twin of a plain-data ModelSpec dict, its loss criterion, targets and flat parameters."""
+"""The torch side of the architecture description: one nn module per layer kind, inputs, criteria, flat parameters."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
-from jax_impl.errors import HessianApproxError
+from hessian_approx.architecture import Architecture
+from hessian_approx.errors import HessianApproxError
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 LOSSES = ("cross_entropy", "mse")
 
 
-def _widths(spec: dict[str, Any]) -> tuple[int, ...]:
-    """(D, h_1, ..., h_L, C) from the spec dict, validated."""
-    missing = [k for k in ("input_dim", "output_dim") if k not in spec]
-    if missing:
-        raise HessianApproxError(
-            f"model spec {spec!r} lacks {', '.join(missing)}",
-            "pass the dict produced by ModelSpec.to_dict()",
-        )
-    try:
-        widths = (int(spec["input_dim"]), *(int(h) for h in spec.get("hidden", ())), int(spec["output_dim"]))
-    except (TypeError, ValueError):
-        raise HessianApproxError(
-            f"model spec {spec!r} has non-integer widths", "give input_dim, hidden and output_dim as integers"
-        ) from None
-    if min(widths) < 1:
-        raise HessianApproxError(f"layer widths {widths} must all be positive", "fix the spec's widths")
-    return widths
+def _conv(layer, in_shape, dtype) -> nn.Module:
+    return nn.Conv2d(in_shape[2], layer.features, layer.kernel, stride=layer.stride,
+                     padding=layer.pads(in_shape), dtype=dtype)
 
 
-def build_twin(spec: dict[str, Any], dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    """The torch MLP for a spec dict ``{"input_dim", "hidden", "output_dim", "activation", "kind"}``.
+# kind -> (layer, per-sample input shape (channels last), dtype) -> the torch module on NCHW or (N, D).
+# Every stride and padding is explicit, as on the Flax side (jax_impl.models.FLAX_LAYERS).
+TORCH_LAYERS: dict[str, Callable[[Any, tuple, torch.dtype], nn.Module]] = {
+    "dense": lambda layer, in_shape, dtype: nn.Linear(in_shape[0], layer.features, dtype=dtype),
+    "conv2d": _conv,
+    "maxpool2d": lambda layer, in_shape, dtype: nn.MaxPool2d(layer.window, layer.stride),
+    "avgpool2d": lambda layer, in_shape, dtype: nn.AvgPool2d(layer.window, layer.stride),
+    "flatten": lambda layer, in_shape, dtype: nn.Flatten(),
+    "activation": lambda layer, in_shape, dtype: ACTIVATIONS[layer.name](),
+}
 
-    Layer i is ``nn.Linear`` at Sequential index 2*i with the activation module between layers, so
-    the state_dict keys are "0.weight" (h_1, D), "0.bias" (h_1,), "2.weight", ... Input (N, D) ->
-    logits (N, C). Weights are torch's default initialization; load real ones with load_state_dict.
+
+def architecture(arch) -> Architecture:
+    """An Architecture from itself, its ``to_dict()`` dict or the first version's MLP spec dict."""
+    if isinstance(arch, Architecture):
+        return arch
+    if isinstance(arch, Mapping):
+        return Architecture.from_dict(dict(arch))
+    raise HessianApproxError(f"architecture {arch!r} is neither an Architecture nor its dict",
+                             "pass hessian_approx.architecture.parse(...) or Architecture.to_dict()")
+
+
+def twin_layer(layer, in_shape, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The torch module of one layer on a per-sample (channels-last) input shape."""
+    if layer.kind not in TORCH_LAYERS:
+        raise HessianApproxError(f"layer kind {layer.kind!r} has no torch module",
+                                 f"use one of {', '.join(TORCH_LAYERS)}")
+    return TORCH_LAYERS[layer.kind](layer, tuple(in_shape), dtype)
+
+
+def build_twin(arch, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """The torch twin of ``arch`` (an Architecture, its dict, or a legacy MLP spec dict).
+
+    One module per layer of ``arch.layers``, so the state_dict keys are "{i}.weight" and
+    "{i}.bias" for each ParamLayer index i (the MLP preset: "0.weight", "2.weight"). Linear
+    weight (out, in), Conv2d weight (out, in, kh, kw). Input (N, D) or NCHW (see ``as_inputs``)
+    -> logits (N, C). Weights are torch's default initialization (load real ones with
+    ``bridge.convert.load_into_torch``). The Architecture is kept as ``model.arch``.
     """
-    kind = spec.get("kind", "mlp")
-    if kind != "mlp":
-        raise HessianApproxError(f"model kind {kind!r} is not supported by the torch twin", "use kind 'mlp'")
-    activation = spec.get("activation", "relu")
-    if activation not in ACTIVATIONS:
-        raise HessianApproxError(
-            f"activation {activation!r} is not supported by the torch twin",
-            f"choose one of {', '.join(ACTIVATIONS)}",
-        )
-    widths = _widths(spec)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        if i > 0:
-            layers.append(ACTIVATIONS[activation]())
-        layers.append(nn.Linear(a, b, dtype=dtype))
-    return nn.Sequential(*layers)
+    arch = architecture(arch)
+    model = nn.Sequential(*(twin_layer(l, s, dtype) for l, s in zip(arch.layers, arch.shapes)))
+    model.arch = arch  # a plain attribute: not a parameter, not in the state_dict
+    return model
+
+
+def model_arch(model: nn.Module) -> Architecture | None:
+    """The Architecture a twin was built from (``build_twin``), or None for another module."""
+    arch = getattr(model, "arch", None)
+    return arch if isinstance(arch, Architecture) else None
 
 
 def check_loss(loss: str) -> None:
@@ -91,7 +105,8 @@ def targets(y_int, loss: str, num_classes: int, dtype: torch.dtype = torch.float
 def flat_params(model: nn.Module) -> torch.Tensor:
     """All parameters as one detached 1-D tensor (d,) in ``model.parameters()`` order.
 
-    Torch flat order: each weight (out, in) row-major, then its bias, layer by layer.
+    Torch flat order: layer by layer in network order, each weight row-major ((out, in) or
+    (out, in, kh, kw)), then its bias.
     """
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
@@ -101,13 +116,59 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def num_classes(model: nn.Module) -> int:
+    """C, the number of logits: the twin's ``arch.num_classes``, else out_features of the last Linear."""
+    arch = model_arch(model)
+    if arch is not None:
+        return arch.num_classes
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise HessianApproxError(f"the torch model {type(model).__name__} has no Linear layer giving the logits",
+                                 "build it with torch_ref.models.build_twin")
+    return last[-1].out_features
+
+
+spec_output_dim = num_classes  # the first version's name
+
+
+def nchw(x, dtype: torch.dtype) -> torch.Tensor:
+    """Channels-last images (N, H, W, C) as an NCHW tensor in ``dtype`` with standard strides.
+
+    Standard means (C*H*W, H*W, W, 1) even when C == 1: ``permute(...).contiguous()`` then keeps
+    the permuted strides (a size-1 dimension does not break contiguity), torch treats the tensor
+    as channels-last, and BackPACK's DiagHessian fails ("view size is not compatible") when tanh
+    or sigmoid follows a convolution.
+    """
+    src = torch.as_tensor(x).permute(0, 3, 1, 2)
+    out = torch.empty(tuple(src.shape), dtype=dtype, memory_format=torch.contiguous_format)
+    return out.copy_(src)
+
+
 def as_inputs(model: nn.Module, x) -> torch.Tensor:
-    """x (N, D) as a tensor in the model's dtype (numpy or torch in)."""
+    """Inputs as the twin takes them, in the model's dtype (numpy or torch in).
+
+    Flat inputs (N, D) pass unchanged; channels-last images (N, H, W, C) become NCHW with
+    standard strides (``nchw``). With the twin's Architecture known (``model.arch``), inputs
+    whose per-sample size matches are first reshaped to its input shape (images flattened
+    channels last, or flat rows of an image network), as ``jax_impl.models.as_inputs`` does.
+    """
     dtype = next(model.parameters()).dtype
+    arch = model_arch(model)
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+    else:
+        x = np.asarray(x)
+    if arch is not None:
+        shape = tuple(arch.input_shape)
+        if tuple(x.shape[1:]) != shape:
+            if x.ndim < 1 or int(np.prod(x.shape[1:])) != int(np.prod(shape)):
+                raise HessianApproxError(
+                    f"inputs of shape {tuple(x.shape[1:])} per sample do not fit the model's input {shape}",
+                    "pass data of the model's input shape (images channels last), or a model built for this data")
+            x = x.reshape((x.shape[0], *shape))
+    if x.ndim == 4:
+        return nchw(x, dtype)
+    if x.ndim != 2:
+        raise HessianApproxError(f"inputs have shape {tuple(x.shape)}, neither (N, D) nor (N, H, W, C)",
+                                 "pass flat rows or channels-last images")
     return torch.as_tensor(x).to(dtype)
-
-
-def spec_output_dim(model: nn.Module) -> int:
-    """C, the number of logits: out_features of the last Linear layer."""
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    return last.out_features

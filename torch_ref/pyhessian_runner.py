@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from jax_impl.errors import HessianApproxError
+from hessian_approx.errors import HessianApproxError
 from torch_ref import compat, exact, models
 
 _PH = importlib.import_module("pyhessian.hessian")  # the module (the package re-exports the class)
@@ -184,7 +184,8 @@ def top_eigenvalues(model: nn.Module, x, y, loss: str, k: int = 10, max_iter: in
     """PyHessian's power iteration with deflation for the top-k eigenvalues (largest |lambda| first).
 
     Args:
-      x: inputs (N, D); y: integer labels (N,); loss: "cross_entropy" or "mse".
+      x: inputs (N, D) or channels-last images (N, H, W, C); y: integer labels (N,);
+        loss: "cross_entropy" or "mse".
       k: how many eigenvalues (PyHessian's top_n); max_iter, tol: its maxIter and tol; it stops an
         eigenvalue when |lam_i - lam_{i-1}| / (|lam_{i-1}| + 1e-6) < tol.
       start_vectors: optional (k, d) starting vectors in torch flat order, fed in place of

@@ -5,8 +5,9 @@ unless asked: ``eigenvalues(k)`` (descending), ``trace()``, ``matvec(v)`` on fla
 vectors, ``dense()`` (d, d) and ``to_dict()`` (a JSON-friendly summary).
 
 The JAX flat order is ``jax.flatten_util.ravel_pytree(params)``: layers in sorted key
-order (``"Dense_0" < "Dense_1" < ... < "Dense_10" < "Dense_2"``, string order), within a
-layer ``bias`` (out,) before ``kernel`` (in, out), each leaf row-major.
+order (``"Conv_0" < "Dense_0" < "Dense_1" < ... < "Dense_10" < "Dense_2"``, string order),
+within a layer ``bias`` (out,) before ``kernel`` (Dense (in, out), Conv2d (kh, kw, in, out)),
+each leaf row-major.
 """
 
 from __future__ import annotations
@@ -69,22 +70,26 @@ class Diagonal:
 class KroneckerBlocks:
     """A block-diagonal curvature approximation with Kronecker-factored kernel blocks.
 
-    One entry per Dense layer, in network order (``names[l]`` = ``"Dense_l"``):
+    One entry per parameter layer (Dense or Conv2d), in network order (``names[l]``, e.g.
+    ``"Conv_0"``, ``"Dense_0"``):
 
-    - ``G[l]`` (out, out): the output-side factor, BackPACK's first factor (for a
-      mean-reduced loss it is already scaled by the weights w_n = 1/N, so the block
-      is G ⊗ A with A a batch *mean*).
-    - ``A[l]`` (in, in): the input-side factor Σ_n w_n a_n a_nᵀ of the layer input a_n.
+    - ``G[l]`` (O, O): the output-side factor, BackPACK's first factor (for a mean-reduced
+      loss already scaled by the weights w_n = 1/N, so the block is G ⊗ A with A a batch
+      *mean*); O = the layer's output features (channels).
+    - ``A[l]`` (J, J): the input-side factor of the layer input (Dense: J = in) or of its
+      input patches (Conv2d: J = kh·kw·in, patch entries in the kernel's (kh, kw, in) order);
+      for convolutions its scaling depends on the convention (``jax_impl.approx.kronecker``).
 
-    BackPACK treats weight and bias as separate blocks (no weight-bias cross terms,
-    no cross-layer terms), so the matrix is block-diagonal with, per layer:
+    BackPACK treats weight and bias as separate blocks (no weight-bias cross terms, no
+    cross-layer terms), so the matrix is block-diagonal with, per layer:
 
-    - the bias block ``G[l]``, on the flat indices of ``Dense_l/bias`` (out,);
-    - the kernel block ``kron(A[l], G[l])``, on the flat indices of the Flax
-      ``Dense_l/kernel`` (in, out) flattened row-major (index ``i*out + o``):
-      entry ((i, o), (j, p)) = A[i, j] G[o, p]. (The torch weight (out, in) is the
-      transpose, so in torch's row-major order the same block is kron(G, A), which
-      is why BackPACK lists the factors as [G, A].)
+    - the bias block ``G[l]``, on the flat indices of ``<name>/bias`` (O,);
+    - the kernel block ``kron(A[l], G[l])``, on the flat indices of the Flax kernel
+      (Dense (in, out), Conv2d (kh, kw, in, out)) flattened row-major, i.e. as the matrix
+      (J, O) (index ``j*O + o``): entry ((j, o), (k, p)) = A[j, k] G[o, p]. (The torch
+      weight (out, in[, kh, kw]) puts O first, so in torch's row-major order the same
+      block is kron(G, A), which is why BackPACK lists the factors as [G, A]; torch's
+      patch order (in, kh, kw) differs too: the bridge permutes.)
 
     Blocks are placed in the JAX flat order (see the module docstring).
     """
@@ -120,7 +125,7 @@ class KroneckerBlocks:
         return self.names.index(name)
 
     def block(self, name: str, leaf: str) -> jax.Array:
-        """The dense block of ``name``/``leaf`` ("bias": G, "kernel": kron(A, G))."""
+        """The dense block of ``name``/``leaf``: "bias" G (O, O), "kernel" kron(A, G) (J·O, J·O)."""
         l = self._index(name)
         return self.G[l] if leaf == "bias" else jnp.kron(self.A[l], self.G[l])
 
@@ -143,7 +148,7 @@ class KroneckerBlocks:
         return sum(jnp.trace(g) * (1 + jnp.trace(a)) for g, a in zip(self.G, self.A))
 
     def matvec(self, v) -> jax.Array:
-        """Block products: bias part G v_b, kernel part A V Gᵀ with V (in, out). (d,) -> (d,)."""
+        """Block products: bias part G v_b, kernel part A V Gᵀ with V (J, O). (d,) -> (d,)."""
         v = jnp.asarray(v, self.G[0].dtype)
         out = []
         for name, leaf, start, stop in self.layout():

@@ -14,7 +14,7 @@ from bridge.metrics import (
     rel_frobenius,
     subspace_overlap,
 )
-from jax_impl.errors import HessianApproxError
+from hessian_approx.errors import HessianApproxError
 
 
 def test_elementwise_errors_by_hand():

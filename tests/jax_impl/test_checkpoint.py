@@ -1,4 +1,6 @@
-"""Weight files: exact round trip, spec mismatch, NaN, corrupt files, atomic writes."""
+"""Weight files: exact round trip (MLP and CNN), legacy MLP files, architecture mismatch, NaN, corrupt files."""
+
+import json
 
 import jax
 import numpy as np
@@ -11,7 +13,7 @@ from jax_impl.errors import HessianApproxError
 
 @pytest.fixture
 def saved(tmp_path):
-    spec = models.ModelSpec(input_dim=6, hidden=(4, 3), output_dim=2)
+    spec = models.mlp(6, (4, 3), 2)
     params = models.init_params(spec, jax.random.PRNGKey(0))
     path = tmp_path / "w.safetensors"
     checkpoint.save_checkpoint(path, params, spec, {"test_accuracy": 0.5})
@@ -29,8 +31,29 @@ def test_round_trip_is_exact(saved):
 
 def test_spec_mismatch_names_both(saved):
     _, _, path = saved
-    with pytest.raises(HessianApproxError, match="mlp 6-4-3-2 relu.*mlp 6-5-2 relu"):
-        checkpoint.load_checkpoint(path, models.ModelSpec(input_dim=6, hidden=(5,), output_dim=2))
+    with pytest.raises(HessianApproxError, match="6 dense4-relu-dense3-relu-dense2 .*6 dense5-relu-dense2"):
+        checkpoint.load_checkpoint(path, models.mlp(6, (5,), 2))
+
+
+def test_cnn_round_trip_is_exact(tmp_path):
+    arch = models.parse("conv3k3-relu-maxpool2-flatten-dense2", (6, 6, 1))
+    params = models.init_params(arch, jax.random.PRNGKey(0))
+    checkpoint.save_checkpoint(tmp_path / "c.safetensors", params, arch)
+    got, got_arch, _ = checkpoint.load_checkpoint(tmp_path / "c.safetensors")
+    assert got_arch == arch and got["Conv_0"]["kernel"].shape == (3, 3, 1, 3)
+    for k, v in models.flatten_tree(params).items():
+        np.testing.assert_array_equal(models.flatten_tree(got)[k], v)
+
+
+def test_first_version_mlp_files_still_load(saved, tmp_path):
+    """Files written before the architecture description hold the old MLP spec dict."""
+    _, params, path = saved
+    legacy = json.dumps({"activation": "relu", "hidden": [4, 3], "input_dim": 6, "kind": "mlp", "output_dim": 2})
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"),
+              metadata={"spec": legacy, "layout": "flax", "metadata": "{}"})
+    got, arch, _ = checkpoint.load_checkpoint(tmp_path / "old.safetensors")
+    assert arch == models.mlp(6, (4, 3), 2)
+    np.testing.assert_array_equal(got["Dense_2"]["kernel"], params["Dense_2"]["kernel"])
 
 
 def test_wrong_shape_inside_file(saved, tmp_path):

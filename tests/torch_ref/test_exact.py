@@ -1,28 +1,46 @@
-"""Exact torch Hessians: the three methods agree, match finite differences, Hvps and a closed form."""
+"""Exact torch Hessians (MLP and CNN twins): the three methods agree, match finite differences, Hvps, a closed form."""
 
 import numpy as np
 import pytest
 import torch
 
-from jax_impl.errors import HessianApproxError
+from hessian_approx.architecture import mlp
+from hessian_approx.errors import HessianApproxError
+from tests import cases
 from torch_ref import exact, models
+
+
+def perturb(m):
+    with torch.no_grad():  # non-zero biases everywhere so no symmetry hides an ordering error
+        for p in m.parameters():
+            p.add_(0.1 * torch.sin(torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape) + 1.0))
+    return m
 
 
 def problem(hidden=(4,), activation="tanh", d=5, c=3, n=12, seed=0):
     torch.manual_seed(seed)
-    m = models.build_twin({"input_dim": d, "hidden": list(hidden), "output_dim": c, "activation": activation},
-                          torch.float64)
-    with torch.no_grad():  # non-zero biases everywhere so no symmetry hides an ordering error
-        for p in m.parameters():
-            p.add_(0.1 * torch.sin(torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape) + 1.0))
+    m = perturb(models.build_twin(mlp(d, hidden, c, activation), torch.float64))
     r = np.random.default_rng(seed)
     return m, r.normal(size=(n, d)), r.integers(0, c, n)
 
 
+def cnn_problem(arch_name="cnn-avg", activation="tanh", seed=0):
+    """A registry CNN twin (torch init, perturbed) with its channels-last images (zero background) and labels."""
+    c = cases.case(arch_name, activation)
+    torch.manual_seed(seed)
+    x, y = c.data()
+    return perturb(models.build_twin(c.arch, torch.float64)), x, y
+
+
+def twin_problem(kind, activation):
+    return problem(hidden=(4, 3), activation=activation) if kind == "mlp" else cnn_problem(kind, activation)
+
+
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
-@pytest.mark.parametrize("activation", ["tanh", "relu"])
-def test_three_methods_agree(loss, activation):
-    m, x, y = problem(hidden=(4, 3), activation=activation)
+@pytest.mark.parametrize("kind, activation", [("mlp", "tanh"), ("mlp", "relu"), ("cnn-same", "sigmoid"),
+                                              ("cnn-max", "relu")])
+def test_three_methods_agree(loss, kind, activation):
+    m, x, y = twin_problem(kind, activation)
     hs = {meth: exact.hessian(m, x, y, loss, method=meth) for meth in exact.METHODS}
     d = models.num_params(m)
     ref = hs["func"]
@@ -48,8 +66,9 @@ def flat_grad(m, x, y, loss, theta):
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
-def test_hessian_matches_central_differences(loss):
-    m, x, y = problem()
+@pytest.mark.parametrize("kind", ["mlp", "cnn-avg"])
+def test_hessian_matches_central_differences(loss, kind):
+    m, x, y = problem() if kind == "mlp" else cnn_problem("cnn-avg", "tanh")
     h = exact.hessian(m, x, y, loss)
     theta0 = models.flat_params(m).numpy().copy()
     eps = 1e-5
@@ -76,8 +95,9 @@ def test_loss_and_grad_match_formula_and_differences():
     assert g @ v == pytest.approx(fd, rel=1e-7)
 
 
-def test_hvp_equals_dense_product():
-    m, x, y = problem(hidden=(4, 3))
+@pytest.mark.parametrize("kind", ["mlp", "cnn-max"])
+def test_hvp_equals_dense_product(kind):
+    m, x, y = twin_problem(kind, "tanh")
     h = exact.hessian(m, x, y, "mse")
     v = np.random.default_rng(1).normal(size=h.shape[0])
     np.testing.assert_allclose(exact.hvp(m, x, y, "mse", v), h @ v, rtol=1e-12, atol=1e-13 * np.abs(h @ v).max())

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import pyhessian.utils
-from jax_impl.errors import HessianApproxError
+from hessian_approx.architecture import mlp
+from hessian_approx.errors import HessianApproxError
+from tests import cases
 from torch_ref import compat, exact, models
 from torch_ref import pyhessian_runner as runner
 
@@ -17,7 +19,7 @@ PH = importlib.import_module("pyhessian.hessian")
 def eig_problem():
     """6-8-3 tanh, cross-entropy, 40 samples: d = 83, top |eigenvalues| ~1.04, 0.94, 0.81, then 0.68."""
     torch.manual_seed(0)
-    m = models.build_twin({"input_dim": 6, "hidden": [8], "output_dim": 3, "activation": "tanh"}, torch.float64)
+    m = models.build_twin(mlp(6, (8,), 3, "tanh"), torch.float64)
     r = np.random.default_rng(0)
     return m, 2.0 * r.normal(size=(40, 6)), r.integers(0, 3, 40)
 
@@ -31,7 +33,7 @@ def density_problem():
     eigenvalue, and one Krylov sequence finds each distinct eigenvalue once, not its multiplicity.
     """
     torch.manual_seed(0)
-    m = models.build_twin({"input_dim": 4, "hidden": [5], "output_dim": 3, "activation": "tanh"}, torch.float64)
+    m = models.build_twin(mlp(4, (5,), 3, "tanh"), torch.float64)
     with torch.no_grad():
         m[0].weight.mul_(0.1)
         m[2].weight.mul_(5.0)
@@ -111,6 +113,25 @@ def test_trace_with_probes_equals_dense_quadratic_forms():
     np.testing.assert_allclose(res["estimates"], quad, rtol=1e-10)
     assert res["trace"] == pytest.approx(quad.mean(), rel=1e-10)
     assert res["matvecs"] == 6 and res["settings"]["model_mode"] == "eval"
+
+
+def test_cnn_twin_trace_and_one_power_step_on_images():
+    """On a CNN twin with channels-last images: probes' quadratic forms and one fed power step are exact."""
+    c = cases.case("cnn-same", "tanh", "cross_entropy")
+    torch.manual_seed(0)
+    m = models.build_twin(c.arch, torch.float64)
+    x, y = c.data()
+    h = exact.hessian(m, x, y, "cross_entropy")
+    r = np.random.default_rng(2)
+    probes = r.choice([-1.0, 1.0], size=(3, h.shape[0]))
+    res = runner.trace(m, x, y, "cross_entropy", max_iter=3, tol=0.0, probes=probes)
+    # float64 Hvps and a dense Hessian of the same graph: agreement to rounding
+    np.testing.assert_allclose(res["estimates"], np.einsum("md,de,me->m", probes, h, probes), rtol=1e-10)
+    v0 = r.normal(size=(1, h.shape[0]))
+    one = runner.top_eigenvalues(m, x, y, "cross_entropy", k=1, max_iter=1, start_vectors=v0)
+    normalize = lambda v: v / (np.linalg.norm(v) + 1e-6)  # PyHessian's, applied at the start and in the loop
+    u = normalize(normalize(v0[0]))
+    assert one["eigenvalues"][0] == pytest.approx(u @ h @ u, rel=1e-10)
 
 
 def test_trace_seeded_runs_and_early_stop():

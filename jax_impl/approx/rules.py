@@ -1,0 +1,269 @@
+"""Per-layer curvature rules, one entry per layer kind (BackPACK's derivatives, kfac-jax's blocks).
+
+Every rule works on a batch: per-sample shapes are the architecture's (channels last),
+inputs ``x`` are (B, *in_shape), backpropagated square roots ``s`` are (B, V, *out_shape)
+(V columns per sample: classes, Monte-Carlo draws or residual directions). A rule gives
+
+- ``forward(node, p, x)``: the layer's output, computed as the Flax model computes it
+  (same primitives, so max-pool ties route identically);
+- ``jac_t(node, p, x, s)``: Jacobian-transpose products (B, V, *out) -> (B, V, *in)
+  (BackPACK ``jac_t_mat_prod``); for pooling and convolution, JAX's own vjp vmapped over V;
+- ``residual(node, x, g)``: the input Hessian's second-order term Σ_k g_k ∇²out_k as a
+  diagonal (B, *in) when it is not zero: σ''(x) ⊙ g for tanh and sigmoid (BackPACK's
+  ``hessian_diagonal``); None for piecewise-linear layers (dense, conv, pools, flatten, ReLU);
+- ``kfra_stat(node, x, w)`` and ``kfra(node, p, stat, m)``: KFRA's batch-averaged
+  backpropagation m (D_out, D_out) -> Σ_n w_n J_nᵀ m J_n (D_in, D_in), features flattened
+  in the NHWC order (BackPACK ``ea_jac_t_mat_jac_prod``); ``stat`` is the per-chunk weighted
+  sum of whatever the per-sample Jacobian depends on (None where it does not);
+- for Dense and Conv2d, ``unfold(node, x)`` (B, T, J): the inputs the parameters multiply,
+  so that out[n, t, o] = Σ_j unfold[n, t, j] K[j, o] + b[o] with K the Flax kernel
+  flattened row-major to (J, O). Dense: T = 1, J = in. Conv2d: T = H'·W' output locations,
+  J = kh·kw·C_in patch entries in the kernel's (kh, kw, in) order (BackPACK's unfold order
+  is (in, kh, kw); the bridge permutes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_impl import models
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """One layer in its network: ``layer`` maps (B, *in_shape) -> (B, *out_shape); ``name``
+    is the Flax name of a parameter layer (``Conv_0``), else None."""
+
+    index: int
+    layer: Any
+    in_shape: tuple
+    out_shape: tuple
+    name: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.layer.kind
+
+    @property
+    def d_in(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def d_out(self) -> int:
+        return math.prod(self.out_shape)
+
+    @property
+    def locations(self) -> int:
+        """T: output locations sharing the parameters (1 for Dense, H'·W' for Conv2d)."""
+        return 1 if len(self.out_shape) == 1 else math.prod(self.out_shape[:-1])
+
+
+def nodes(arch) -> tuple[Node, ...]:
+    """The Nodes of an Architecture, network order."""
+    names = {p.index: p.name for p in arch.param_layers}
+    shapes = arch.shapes
+    return tuple(Node(i, l, shapes[i], shapes[i + 1], names.get(i)) for i, l in enumerate(arch.layers))
+
+
+# ---- shared pieces ----------------------------------------------------------------------
+def act_derivatives(name: str, z):
+    """(σ(z), σ'(z), σ''(z)) elementwise, as BackPACK and JAX's autodiff write them (ReLU'(0) = 0)."""
+    if name == "relu":
+        return jnp.maximum(z, 0), (z > 0).astype(z.dtype), jnp.zeros_like(z)
+    if name == "tanh":
+        t = jnp.tanh(z)
+        return t, 1 - t**2, -2 * t * (1 - t**2)
+    if name == "sigmoid":
+        s = jax.nn.sigmoid(z)
+        return s, s * (1 - s), s * (1 - s) * (1 - 2 * s)
+    raise AssertionError(name)
+
+
+def _window_index(in_shape, window, stride, pads) -> np.ndarray:
+    """Static gather index (H', W', kh, kw) into the (H + 2ph)·(W + 2pw) padded pixels."""
+    h, w, _ = in_shape
+    (kh, kw), (sh, sw), (ph, pw) = window, stride, pads
+    hp, wp = h + 2 * ph, w + 2 * pw
+    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    r = (np.arange(oh) * sh)[:, None, None, None] + np.arange(kh)[None, None, :, None]
+    c = (np.arange(ow) * sw)[None, :, None, None] + np.arange(kw)[None, None, None, :]
+    return r * wp + c
+
+
+def windows(x, window, stride, pads=(0, 0)):
+    """Zero-padded sliding windows by an exact gather: (B, H, W, C) -> (B, H', W', kh, kw, C)."""
+    ph, pw = pads
+    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0))) if ph or pw else x
+    idx = _window_index(x.shape[1:], window, stride, pads)
+    return xp.reshape(x.shape[0], -1, x.shape[-1])[:, idx]
+
+
+def _sandwich(linear: Callable, m, in_shape, out_shape):
+    """Jᵀ m J for a linear map ``linear`` (B, *in) -> (B, *out) with a sample-independent Jacobian J.
+
+    Two vjps over the rows of m (BackPACK conv/avgpool ``ea_jac_t_mat_jac_prod``): (D_out, D_out) -> (D_in, D_in).
+    """
+    d_in, d_out = math.prod(in_shape), math.prod(out_shape)
+    _, vjp = jax.vjp(linear, jnp.zeros((1, *in_shape), m.dtype))
+    jt = lambda rows: jax.vmap(lambda r: vjp(r[None])[0][0])(rows.reshape(-1, *out_shape)).reshape(-1, d_in)
+    mj = jt(m)  # (D_out, D_in) = m J
+    return jt(mj.T).T  # Jᵀ m J (m symmetric)
+
+
+# ---- per kind ---------------------------------------------------------------------------
+def _dense_forward(node, p, x):
+    return x @ p["kernel"] + p["bias"]
+
+
+def _conv_linear(node, kernel):
+    ph, pw = node.layer.pads(node.in_shape)
+    return lambda x: lax.conv_general_dilated(x, kernel, node.layer.stride, ((ph, ph), (pw, pw)),
+                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _conv_forward(node, p, x):
+    """As flax.linen.Conv: lax.conv_general_dilated (NHWC, HWIO) plus the bias."""
+    return _conv_linear(node, p["kernel"])(x) + p["bias"]
+
+
+def _conv_unfold(node, x):
+    """(B, H, W, C) -> patches (B, H'·W', kh·kw·C) in the kernel's (kh, kw, in) order."""
+    l = node.layer
+    u = windows(x, l.kernel, l.stride, l.pads(node.in_shape))
+    return u.reshape(x.shape[0], node.locations, -1)
+
+
+def _free_forward(node, p, x):
+    """Parameter-free layers through the Flax model's own callables (identical routing)."""
+    return models.FLAX_LAYERS[node.kind](node.layer, None, x.dtype, node.in_shape)(x)
+
+
+def _vjp_jac_t(node, p, x, s):
+    """Jᵀ s per sample by JAX's vjp of the batched forward, vmapped over the V columns."""
+    _, vjp = jax.vjp(lambda u: RULES[node.kind].forward(node, p, u), x)
+    return jax.vmap(lambda c: vjp(c)[0], in_axes=1, out_axes=1)(s)
+
+
+def _act_jac_t(node, p, x, s):
+    return s * act_derivatives(node.layer.name, x)[1][:, None]
+
+
+def _act_residual(node, x, g):
+    """σ''(x) ⊙ g (B, *in) for tanh and sigmoid; None for ReLU (σ'' = 0)."""
+    if node.layer.name == "relu":
+        return None
+    return act_derivatives(node.layer.name, x)[2] * g
+
+
+def _act_kfra_stat(node, x, w):
+    """Σ_n w_n σ'_n σ'_nᵀ (D, D) over flattened features (BackPACK elementwise ea rule)."""
+    d = act_derivatives(node.layer.name, x)[1].reshape(x.shape[0], -1)
+    return jnp.einsum("n,ni,nj->ij", w, d, d)
+
+
+def _pool_selection(node, x):
+    """0/1 (B, H', W', kh, kw, C): which window entry each max-pool output takes.
+
+    Derived from JAX's own vjp: the windows are laid out side by side as a non-overlapping
+    (H'·kh, W'·kw) image, max-pooled with the same window (same primitive, same order in
+    the window, hence the same tie-break as the model's forward) and differentiated with
+    a cotangent of ones.
+    """
+    b, (kh, kw), c = x.shape[0], node.layer.window, x.shape[-1]
+    u = windows(x, node.layer.window, node.layer.stride)
+    oh, ow = u.shape[1:3]
+    tiles = u.transpose(0, 1, 3, 2, 4, 5).reshape(b, oh * kh, ow * kw, c)
+    pool = lambda t: models.FLAX_LAYERS["maxpool2d"](dataclasses.replace(node.layer, stride=(kh, kw)), None,
+                                                      t.dtype, t.shape[1:])(t)
+    y, vjp = jax.vjp(pool, tiles)
+    sel = vjp(jnp.ones_like(y))[0]
+    return sel.reshape(b, oh, kh, ow, kw, c).transpose(0, 1, 3, 2, 4, 5)
+
+
+def windows_t(u, in_shape, window, stride):
+    """The transpose of ``windows`` (no padding): (B, V, H', W', kh, kw, C) -> (B, V, H, W, C),
+    each window entry added back to its pixel (by reshapes where the windows tile the image)."""
+    (h, w, c), (kh, kw) = in_shape, window
+    b, v, oh, ow = u.shape[:4]
+    if tuple(stride) == tuple(window):
+        img = u.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, v, oh * kh, ow * kw, c)
+        return jnp.pad(img, ((0, 0), (0, 0), (0, h - oh * kh), (0, w - ow * kw), (0, 0)))
+    idx = _window_index(in_shape, window, stride, (0, 0))
+    out = jnp.zeros((b, v, h * w, c), u.dtype).at[:, :, idx].add(u)
+    return out.reshape(b, v, h, w, c)
+
+
+def _maxpool_jac_t(node, p, x, s):
+    """Jᵀ s: each output's column routed to the window entry the forward took (``_pool_selection``)."""
+    sel = _pool_selection(node, x)  # (B, H', W', kh, kw, C)
+    u = s[:, :, :, :, None, None, :] * sel[:, None]
+    return windows_t(u, node.in_shape, node.layer.window, node.layer.stride)
+
+
+def _maxpool_kfra_stat(node, x, w):
+    """Q = Σ_n w_n s_n s_nᵀ (E, E), s_n the flattened selection (E = H'·W'·kh·kw·C)."""
+    s = _pool_selection(node, x).reshape(x.shape[0], -1)
+    return jnp.einsum("n,ni,nj->ij", w, s, s)
+
+
+def _pool_kfra(node, p, q, m):
+    """Σ_n w_n J_nᵀ m J_n for a pool: J_n = Sel_n ∘ U (U the window gather, Sel_n picking one
+    entry per window (max) or averaging (avg)), so the sum is Uᵀ ((m expanded over the
+    window) ⊙ Q) U, with Q the selection statistic (max) or 1/(kh·kw)² (avg)."""
+    (kh, kw), c = node.layer.window, node.in_shape[-1]
+    oh, ow = node.out_shape[:2]
+    e = oh * ow * kh * kw * c
+    mx = jnp.broadcast_to(m.reshape(oh, ow, 1, 1, c, oh, ow, 1, 1, c), (oh, ow, kh, kw, c) * 2).reshape(e, e)
+    mx = mx * q if q is not None else mx / (kh * kw) ** 2
+    idx = _window_index(node.in_shape, node.layer.window, node.layer.stride, (0, 0))
+    flat = (idx[..., None] * c + np.arange(c)).reshape(-1)  # unfolded entry -> input feature
+    d_in = node.d_in
+    y = jnp.zeros((e, d_in), m.dtype).at[:, flat].add(mx)
+    return jnp.zeros((d_in, d_in), m.dtype).at[flat].add(y)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """The curvature rules of one layer kind (see the module docstring)."""
+
+    forward: Callable
+    jac_t: Callable
+    kfra: Callable
+    residual: Callable = lambda node, x, g: None
+    kfra_stat: Callable = lambda node, x, w: None
+    unfold: Callable | None = None
+
+
+RULES: dict[str, Rule] = {
+    "dense": Rule(
+        forward=_dense_forward,
+        jac_t=lambda node, p, x, s: s @ p["kernel"].T,
+        kfra=lambda node, p, stat, m: p["kernel"] @ m @ p["kernel"].T,
+        unfold=lambda node, x: x[:, None, :]),
+    "conv2d": Rule(
+        forward=_conv_forward,
+        jac_t=_vjp_jac_t,
+        kfra=lambda node, p, stat, m: _sandwich(_conv_linear(node, p["kernel"]), m, node.in_shape, node.out_shape),
+        unfold=_conv_unfold),
+    "maxpool2d": Rule(
+        forward=_free_forward, jac_t=_maxpool_jac_t, kfra=_pool_kfra, kfra_stat=_maxpool_kfra_stat),
+    "avgpool2d": Rule(
+        forward=_free_forward, jac_t=_vjp_jac_t, kfra=lambda node, p, stat, m: _pool_kfra(node, p, None, m)),
+    "flatten": Rule(
+        forward=_free_forward,
+        jac_t=lambda node, p, x, s: s.reshape(*s.shape[:2], *node.in_shape),
+        kfra=lambda node, p, stat, m: m),
+    "activation": Rule(
+        forward=_free_forward,
+        jac_t=_act_jac_t,
+        kfra=lambda node, p, stat, m: stat * m,
+        residual=_act_residual,
+        kfra_stat=_act_kfra_stat),
+}
