@@ -127,11 +127,11 @@ def run(args) -> int:
         check_writable_dir(args.out)
     if args.command == "train":
         params = ctx.params
-        save_checkpoint(args.out, params, ctx.spec, {**ctx.train_info, **ctx.dataset.provenance()})
+        save_checkpoint(args.out, params, ctx.arch, {**ctx.train_info, **ctx.dataset.provenance()})
         log(f"wrote {args.out}")
         acc = ", ".join(f"{k.replace('_', ' ')} {ctx.train_info[k]:.4f}" for k in ("train_accuracy", "test_accuracy")
                         if k in ctx.train_info)
-        print(f"{ctx.spec.describe()}: {acc or 'weights copied from ' + str(ctx.options.checkpoint)} -> {args.out}")
+        print(f"{ctx.arch.describe()}: {acc or 'weights copied from ' + str(ctx.options.checkpoint)} -> {args.out}")
         return 0
     if args.command == "bench":
         from benchmarks.bench import format_bench, run_bench

@@ -69,6 +69,10 @@ def test_trace_and_density(capsys, tmp_path, ckpt):
     (["eigs", *SMALL, "--lanczos-steps", "3", "--methods", "lanczos"], "--lanczos-steps 3 is outside"),
     (["density", *SMALL, "--slq-steps", "100000"], "--slq-steps 100000 exceeds"),
     (["eigs", *SMALL, "--seed", "-1"], "--seed is -1"),
+    (["eigs", *SMALL[:2], "--model", "cnn"], "conv16k5 has a 5-wide window but its input is only 2 high"),
+    (["eigs", *SMALL[:2], "--model", "conv4k3-relu-flatten-dense7"], "ends in 7 outputs"),
+    (["eigs", *SMALL[:2], "--model", "conv4k3-swish-flatten-dense10"], "'swish' is not understood"),
+    (["eigs", *SMALL[:2], "--model", "cnn", "--hidden", "5"], "--hidden applies to --model mlp"),
 ])
 def test_bad_input_one_line_error_no_file(capsys, tmp_path, argv, match):
     js = tmp_path / "r.json"
@@ -90,7 +94,7 @@ def test_unwritable_outputs_refused_before_work(capsys, tmp_path):
 
 def test_checkpoint_mismatch_and_nan(capsys, tmp_path, ckpt):
     code, _, err = run(capsys, "eigs", *SMALL[:2], "--hidden", "7", "--checkpoint", str(ckpt))
-    assert code == 2 and "mlp 64-6-10 relu" in err and "mlp 64-7-10 relu" in err
+    assert code == 2 and "64 dense6-relu-dense10" in err and "64 dense7-relu-dense10" in err
     tensors = load_file(str(ckpt))
     tensors["Dense_1/bias"][2] = np.nan
     from safetensors import safe_open
@@ -123,3 +127,24 @@ def test_approx_one_method_with_its_backpack_twin(capsys, tmp_path, ckpt):
     for name in ("diag-h", "backpack:diag-h"):
         assert abs(res[name]["trace"] - res["exact"]["trace"]) < 1e-10 * abs(res["exact"]["trace"])
     assert res["backpack:diag-h"]["vs_jax_rel_err"] < 1e-12
+
+
+CNN = ["--dataset", "digits", "--model", "conv3k3-relu-maxpool2-flatten-dense10", "--hessian-samples", "60",
+       "--epochs", "2"]
+
+
+def test_cnn_from_a_layer_string_end_to_end(capsys, tmp_path):
+    """8x8 digits as (8, 8, 1) images; the record names the architecture; Lanczos equals eigh in float64."""
+    ck = tmp_path / "cnn.safetensors"
+    assert run(capsys, "train", *CNN, "--out", str(ck))[0] == 0
+    js = tmp_path / "e.json"
+    code, out, err = run(capsys, "eigs", "--dataset", "digits", "--hessian-samples", "60", "--checkpoint", str(ck),
+                         "--dtype", "float64", "-k", "4", "--methods", "exact,lanczos", "--json", str(js))
+    assert code == 0, err
+    rec = json.loads(js.read_text())
+    validate(rec)
+    prov = rec["provenance"]
+    assert prov["model"] == "8x8x1 conv3k3-relu-maxpool2-flatten-dense10"  # read from the checkpoint
+    assert prov["num_params"] == (3 * 3 * 1 * 3 + 3) + (3 * 3 * 3 * 10 + 10) == 310  # 8 -conv3-> 6 -pool2-> 3
+    exact = rec["results"]["exact"]
+    np.testing.assert_allclose(rec["results"]["lanczos"]["eigenvalues"], exact["eigenvalues"], rtol=1e-10)

@@ -1,10 +1,12 @@
 """Max-pool windows with exactly tied maxima: torch and JAX route the gradient to the same element.
 
 Finding (torch 2.x CPU ``max_pool2d`` backward; JAX ``flax.linen.max_pool`` = ``lax.reduce_window``
-max, whose vjp is ``select_and_scatter_add`` with ``>=`` and whose jvp selects likewise): both send
-a window's gradient to its FIRST maximum in row-major (h, w) order within the window, each channel
-separately, overlapping windows independently. The numpy oracle ``first_max_vjp`` below
-(``np.argmax`` returns the first occurrence) states that rule, and both frameworks match it exactly.
+max, whose vjp is ``select_and_scatter_add`` with ``>=`` and whose jvp selects likewise; and
+``jax_impl.models.max_pool``, the product's, an argmax over the window): all send a window's
+gradient to its FIRST maximum in row-major (h, w) order within the window, each channel
+separately, overlapping windows independently, never split among ties (as ``jnp.max``'s
+gradient would be). The numpy oracle ``first_max_vjp`` below (``np.argmax`` returns the first
+occurrence) states that rule, and every implementation matches it exactly.
 """
 
 import jax
@@ -43,8 +45,14 @@ def first_max_vjp(x, g, window, stride, last=False):
     return out
 
 
-def jax_pool_vjp(x, g, window, stride):
-    f = lambda z: nn.max_pool(z, window, strides=stride, padding="VALID")
+JAX_POOLS = {  # flax's max_pool, and the one the product's Flax network uses
+    "flax.linen.max_pool": lambda z, window, stride: nn.max_pool(z, window, strides=stride, padding="VALID"),
+    "jax_impl.models.max_pool": lambda z, window, stride: models.max_pool(z, window, stride),
+}
+
+
+def jax_pool_vjp(x, g, window, stride, pool):
+    f = lambda z: JAX_POOLS[pool](z, window, stride)
     return np.asarray(jax.vjp(f, jnp.asarray(x))[1](jnp.asarray(g))[0])
 
 
@@ -54,8 +62,9 @@ def torch_pool_vjp(x, g, window, stride):
     return xt.grad.numpy().transpose(0, 2, 3, 1)
 
 
+@pytest.mark.parametrize("pool", list(JAX_POOLS))
 @pytest.mark.parametrize("window, stride", [((2, 2), (2, 2)), ((2, 2), (1, 1)), ((3, 2), (2, 1)), ((3, 3), (3, 3))])
-def test_pool_vjp_routes_ties_to_the_first_maximum(window, stride):
+def test_pool_vjp_routes_ties_to_the_first_maximum(window, stride, pool):
     r = np.random.default_rng(0)
     # -1, 0, 1 on a zero background: many windows hold tied maxima
     x = np.where(r.random((3, 7, 7, 2)) < 0.5, 0.0, r.integers(-1, 2, (3, 7, 7, 2)).astype(np.float64))
@@ -66,7 +75,7 @@ def test_pool_vjp_routes_ties_to_the_first_maximum(window, stride):
     ties = sum(np.count_nonzero(win == win.max()) > 1 for _, win, _ in windows(x, g.shape, window, stride))
     assert ties > g.size // 3  # the check is about ties (a third of the windows or more)
     # exact: each entry is one cotangent or a sum of a few (overlapping windows), in the same order
-    np.testing.assert_array_equal(jax_pool_vjp(x, g, window, stride), expected)
+    np.testing.assert_array_equal(jax_pool_vjp(x, g, window, stride, pool), expected)
     np.testing.assert_array_equal(torch_pool_vjp(x, g, window, stride), expected)
     assert not np.array_equal(first_max_vjp(x, g, window, stride, last=True), expected)  # the rule has teeth
 
@@ -77,8 +86,9 @@ def test_forward_mode_picks_the_same_element():
     (as does torch.func.jvp; torch's Hvp is reverse-over-reverse, covered by the vjp test)."""
     x = np.zeros((1, 2, 2, 1))
     t = np.arange(1.0, 5.0).reshape(1, 2, 2, 1)
-    f = lambda z: nn.max_pool(z, (2, 2), strides=(2, 2), padding="VALID")
-    assert float(jax.jvp(f, (jnp.asarray(x),), (jnp.asarray(t),))[1].ravel()[0]) == 1.0
+    for pool in JAX_POOLS.values():
+        f = lambda z: pool(z, (2, 2), (2, 2))
+        assert float(jax.jvp(f, (jnp.asarray(x),), (jnp.asarray(t),))[1].ravel()[0]) == 1.0
     tt = torch.tensor(t.transpose(0, 3, 1, 2))
     out = torch.func.jvp(lambda z: torch.nn.functional.max_pool2d(z, 2), (torch.zeros(1, 1, 2, 2, dtype=tt.dtype),),
                          (tt,))[1]

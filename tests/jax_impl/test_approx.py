@@ -18,7 +18,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from hessian_approx.architecture import parse
-from jax_impl import operators
+from jax_impl import losses, models, operators
 from jax_impl.approx import APPROXIMATIONS, Diagonal, KroneckerBlocks, diag_ggn, diag_ggn_mc, diag_hessian, kfac, kflr, kfra
 from jax_impl.approx import network, rules
 from jax_impl.errors import HessianApproxError
@@ -33,13 +33,14 @@ RTOL = 1e-10
 # false-alarm chance ~1e-4 under the null) plus a floor for entries whose draws are all
 # exactly equal (dead ReLUs, zero inputs).
 Z = 5.0
-# Every architecture of the registry, every activation and both losses at least once
-# (the max-pool CNNs with ReLU: tied maxima; cnn-same: overlapping windows, SAME padding;
-# cnn-avg: stride and explicit padding).
-SUBSET = [case("mlp2", "sigmoid", "cross_entropy"), case("cnn-max", "relu", "cross_entropy"),
-          case("cnn-avg", "tanh", "mse"), case("cnn-same", "relu", "mse"),
-          case("cnn-same", "tanh", "cross_entropy")]
-RELU_MAX_POOL = [SUBSET[1], SUBSET[3]]  # non-overlapping and overlapping windows
+# Every activation on a CNN, both losses, every layer kind and both pool kinds: MAX (ReLU,
+# tied maxima), AVG (strided, padded conv; average pool), SAME (overlapping max-pool
+# windows, SAME padding), MLP (two hidden layers).
+MLP = case("mlp2", "tanh", "mse")
+MAX = case("cnn-max", "relu", "cross_entropy")
+AVG = case("cnn-avg", "sigmoid", "mse")
+SAME = case("cnn-same", "tanh", "cross_entropy")
+SUBSET = [MLP, MAX, AVG, SAME]
 CASES = cases.CASES_ALL if os.environ.get("HESSIAN_APPROX_ALL_CASES") else SUBSET
 N, CHUNK = 7, 3  # 3 chunks, the last padded with 2 zero-weight rows
 
@@ -50,8 +51,18 @@ def rel(a, b):
 
 
 @functools.lru_cache(maxsize=None)
+def params(arch_name):
+    """Case.params: Flax's initial values depend on the shapes only (not the activation or
+    loss), so one initialization (slow: a jax.random compile per shape set) serves all."""
+    return case(arch_name).params()
+
+
+@functools.lru_cache(maxsize=None)
 def problem(c, n=N, chunk=CHUNK):
-    return c.problem(chunk_size=chunk, n=n)
+    """c.problem(chunk_size=chunk, n=n), with the shared parameters."""
+    x, y = c.data(n)
+    return operators.Problem(models.make_apply(c.arch), losses.get_loss(c.loss), params(c.arch_name),
+                             operators.make_batches(x, y, chunk, dtype=jnp.float64))
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,9 +101,9 @@ def test_diagonals_are_the_exact_diagonals(c):
         assert rel(dh.diag, dg.diag) > 1e-5
 
 
-@pytest.mark.parametrize("c", cases.params(RELU_MAX_POOL))
-def test_relu_max_pool_cnn_hessian_diagonal_is_the_ggn_diagonal(c):
+def test_relu_max_pool_cnn_hessian_diagonal_is_the_ggn_diagonal():
     """Piecewise-linear network: diag(H) = diag(GGN) (DESIGN.md), with tied maxima in the pools."""
+    c = MAX
     prob = problem(c)
     nds = rules.nodes(c.arch)
     xs, _ = network.forward(nds, prob.params, prob.batches.x.reshape(-1, *c.arch.input_shape))
@@ -107,7 +118,7 @@ def test_relu_max_pool_cnn_hessian_diagonal_is_the_ggn_diagonal(c):
 
 
 def test_diag_ggn_mc_is_unbiased():
-    prob = problem(SUBSET[4])
+    prob = problem(SAME)
     keys = jax.random.split(jax.random.PRNGKey(3), 400)
     draws = np.asarray(jax.vmap(lambda k: diag_ggn_mc(prob, k, mc_samples=2).diag)(keys))
     mean, se = draws.mean(0), draws.std(0, ddof=1) / np.sqrt(len(draws))
@@ -117,7 +128,7 @@ def test_diag_ggn_mc_is_unbiased():
 
 
 def test_diag_ggn_mc_depends_only_on_key():
-    prob = problem(SUBSET[4])
+    prob = problem(SAME)
     k = jax.random.PRNGKey(7)
     a, b = diag_ggn_mc(prob, k, 2).diag, diag_ggn_mc(prob, k, 2).diag
     assert np.array_equal(np.asarray(a), np.asarray(b))
@@ -138,7 +149,7 @@ def test_diag_h_residuals_are_refused_before_they_exhaust_memory():
 # ---- the structures ----------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["kflr", "kfra", "kfac", "diag-ggn", "diag-h"])
 def test_structures_agree_with_their_dense_form(method):
-    c = SUBSET[2]
+    c = AVG
     prob = problem(c)
     s = APPROXIMATIONS[method](prob, None, jax.random.PRNGKey(1), 4)
     m = np.asarray(s.dense())
@@ -156,7 +167,7 @@ def test_structures_agree_with_their_dense_form(method):
 
 def test_kronecker_layout_follows_the_flat_order_for_conv_kernels():
     """Conv kernels (kh, kw, in, out) are the (kh·kw·in, out) matrix; layers in sorted name order."""
-    c = SUBSET[1]
+    c = MAX
     prob = problem(c)
     k = kflr(prob)
     assert k.names == ("Conv_0", "Conv_1", "Dense_0")
@@ -168,7 +179,7 @@ def test_kronecker_layout_follows_the_flat_order_for_conv_kernels():
 
 
 def test_structures_are_pytrees_and_methods_jit():
-    c = SUBSET[2]
+    c = AVG
     prob = problem(c)
 
     @jax.jit
@@ -186,7 +197,7 @@ def test_structures_are_pytrees_and_methods_jit():
 
 # ---- the table, arguments and errors --------------------------------------------------------
 def test_table_has_every_method_with_one_signature():
-    c = SUBSET[2]
+    c = AVG
     prob = problem(c)
     assert set(APPROXIMATIONS) == {"diag-ggn", "diag-ggn-mc", "diag-h", "kfac", "kflr", "kfra"}
     for name, fn in APPROXIMATIONS.items():
@@ -201,7 +212,7 @@ def test_table_has_every_method_with_one_signature():
 def test_architecture_comes_from_apply_or_argument():
     """A plain apply function is refused with the matrix-free alternatives named; an explicit
     Architecture or its dict make it work and give the same result."""
-    c = SUBSET[2]
+    c = AVG
     prob = problem(c)
     plain = operators.Problem(lambda p, x: prob.apply(p, x), prob.ell, prob.params, prob.batches)
     for name, fn in APPROXIMATIONS.items():
@@ -213,7 +224,7 @@ def test_architecture_comes_from_apply_or_argument():
 
 
 def test_unsupported_loss_is_named():
-    prob = problem(SUBSET[2])
+    prob = problem(AVG)
     odd = operators.Problem(prob.apply, lambda z, y: jnp.sum(z**4, -1), prob.params, prob.batches)
     for name, fn in APPROXIMATIONS.items():
         with pytest.raises(HessianApproxError, match=f"not supported by {name}.*cross_entropy, mse.*lanczos"):
@@ -221,7 +232,7 @@ def test_unsupported_loss_is_named():
 
 
 def test_mismatched_parameters_data_and_unknown_layers_are_named():
-    c = SUBSET[2]
+    c = AVG
     prob = problem(c)
     other = parse("conv2k3-relu-flatten-dense3", (8, 8, 1))
     with pytest.raises(HessianApproxError, match="do not match the architecture"):

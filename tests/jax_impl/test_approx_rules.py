@@ -19,6 +19,7 @@ from jax_impl import models
 from jax_impl.approx import network
 from jax_impl.approx.rules import RULES, Node, nodes, windows
 from tests.cases import case
+from tests.jax_impl.test_approx import params
 
 TOL = 1e-12
 
@@ -103,7 +104,7 @@ def test_every_jac_t_is_the_vjp_of_the_layer(name):
     """Each rule's Jacobian-transpose product against jax.vjp of the layer, on the registry CNNs."""
     c = case(name, "tanh", "cross_entropy")
     ss = [normal((3, 4, *nd.out_shape), nd.index) for nd in nodes(c.arch)]
-    pairs = _jac_t_pairs(c.arch, c.params(), tied((3, *c.arch.input_shape)) - 0.5, ss)
+    pairs = _jac_t_pairs(c.arch, params(name), tied((3, *c.arch.input_shape)) - 0.5, ss)
     for nd, (got, ref) in zip(nodes(c.arch), pairs):
         assert rel(got, ref) < TOL, nd.kind
 
@@ -145,7 +146,7 @@ def test_kfra_rules_are_weighted_jacobian_sandwiches(name):
     c = case(name, "relu", "cross_entropy")
     w = jnp.asarray([0.5, 0.3, 0.2, 0.0])
     ms = [normal((nd.d_out, nd.d_out), nd.index) for nd in nodes(c.arch)]
-    pairs = _kfra_pairs(c.arch, c.params(), tied((4, *c.arch.input_shape)) - 0.3, w, ms)
+    pairs = _kfra_pairs(c.arch, params(name), tied((4, *c.arch.input_shape)) - 0.3, w, ms)
     for nd, (got, ref) in zip(nodes(c.arch), pairs):
         assert rel(got, ref) < TOL, nd.kind
 
