@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP_INSTALL) "torch==2.13.0" -e ".[torch,tfds,dev]"
 	touch $@
 
-.PHONY: install test reproduce bench clean
+.PHONY: install test reproduce reproduce-cnn bench clean
 install: $(VENV)/.installed
 
 test: install
@@ -24,6 +24,9 @@ test: install
 
 reproduce: install
 	HESSIAN_APPROX_DATA="$(DATA)" $(VENV)/bin/hessian-approx reproduce --out $(OUT)
+
+reproduce-cnn: install
+	HESSIAN_APPROX_DATA="$(DATA)" $(VENV)/bin/hessian-approx reproduce --model cnn --out out/reproduce-cnn
 
 bench: install
 	HESSIAN_APPROX_DATA="$(DATA)" $(VENV)/bin/hessian-approx bench

@@ -65,10 +65,11 @@ def core_items(ctx: Context, repeats: int, torch_ok: bool) -> tuple[dict, dict]:
     build = dense_fn(operators.hvp(prob), dim, ctx.dtype)
     t["jax_exact_hessian"] = measure(build, repeats)
     h = jnp.asarray(build())
-    flat = prob.flat_params
-    whole = jax.jit(jax.hessian(lambda f: operators.loss(operators.Problem(prob.apply, prob.ell, prob.unravel(f),
-                                                                            prob.batches))))
-    t["jax_exact_hessian_jax.hessian"] = measure(lambda: whole(flat), repeats)
+    if ctx.arch.is_mlp:  # jax.hessian pushes all d tangents at once: d copies of every activation
+        flat = prob.flat_params
+        whole = jax.jit(jax.hessian(lambda f: operators.loss(operators.Problem(prob.apply, prob.ell, prob.unravel(f),
+                                                                                prob.batches))))
+        t["jax_exact_hessian_jax.hessian"] = measure(lambda: whole(flat), repeats)
     log("full eigendecomposition")
     t["jax_eigvalsh"] = measure(lambda: algorithms.eigvalsh_descending(h), repeats)
     exact = np.asarray(algorithms.eigvalsh_descending(h), np.float64)
@@ -212,7 +213,7 @@ def run_bench(options: Options, repeats: int = 5, widths=(10, 32, 64, 128, 256),
     if widths and not (ctx.arch.is_mlp and len(ctx.arch.param_layers) == 2):
         log(f"bench: no width sweep for {ctx.arch.to_string()} (it sweeps the hidden width of a one-hidden-layer mlp)")
         widths = ()
-    log(f"bench: {ctx.arch.describe()} ({ctx.problem.dim} parameters), {options.hessian_samples} samples, "
+    log(f"bench: {ctx.arch.describe()} ({ctx.problem.dim} parameters), {ctx.hessian_samples} samples, "
         f"{repeats} repeats after a warm-up, torch {'on' if torch_ok else 'not installed'}")
     t, notes = core_items(ctx, repeats, torch_ok)
     result = {"benchmark": "bench", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

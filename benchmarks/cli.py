@@ -45,7 +45,8 @@ def add_problem_flags(p: argparse.ArgumentParser, json_flag: bool = True) -> Non
     g.add_argument("--checkpoint", default=None, help="weights from `hessian-approx train`; default: train now")
     g.add_argument("--epochs", type=int, default=None,
                    help="training epochs when no --checkpoint (default 5 for MNIST, 100 for digits)")
-    g.add_argument("--hessian-samples", type=int, default=1000, help="size of the seeded Hessian subset (default 1000)")
+    g.add_argument("--hessian-samples", type=int, default=None,
+                   help="size of the seeded Hessian subset (default 1000 for an mlp, 100 for convolutional models)")
     g.add_argument("--seed", type=int, default=0, help="seed for training, the subset and every probe (default 0)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     g.add_argument("--chunk-size", type=int, default=1000, help="samples per chunk of the curvature averages")

@@ -50,16 +50,30 @@ def rel(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+def random_params(arch, seed=0):
+    """Parameters of ``arch`` drawn by numpy: kernels N(0, 1/fan_in), biases N(0, 0.01).
+
+    Used instead of Case.params (Flax's initializer, whose jax.random kernels take seconds
+    to compile per shape set on the CPU); the cases' architectures, data and losses are the
+    registry's.
+    """
+    r = np.random.default_rng(seed)
+    out = {}
+    for key, shape in arch.param_shapes().items():
+        layer, leaf = key.split("/")
+        scale = 1 / np.sqrt(np.prod(shape[:-1])) if leaf == "kernel" else 0.1
+        out.setdefault(layer, {})[leaf] = jnp.asarray(scale * r.normal(size=shape))
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def params(arch_name):
-    """Case.params: Flax's initial values depend on the shapes only (not the activation or
-    loss), so one initialization (slow: a jax.random compile per shape set) serves all."""
-    return case(arch_name).params()
+    return random_params(case(arch_name).arch)
 
 
 @functools.lru_cache(maxsize=None)
 def problem(c, n=N, chunk=CHUNK):
-    """c.problem(chunk_size=chunk, n=n), with the shared parameters."""
+    """c.problem(chunk_size=chunk, n=n) with ``random_params`` (cached: the dense references reuse it)."""
     x, y = c.data(n)
     return operators.Problem(models.make_apply(c.arch), losses.get_loss(c.loss), params(c.arch_name),
                              operators.make_batches(x, y, chunk, dtype=jnp.float64))

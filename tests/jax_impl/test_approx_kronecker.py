@@ -25,7 +25,7 @@ from jax_impl import losses, models, operators
 from jax_impl.approx import CONVENTIONS, kfac, kflr, kfra
 from jax_impl.materialize import dense
 from tests import cases
-from tests.jax_impl.test_approx import AVG, MAX, RTOL, SAME, Z, exact, flat_slices, problem, rel
+from tests.jax_impl.test_approx import AVG, MAX, RTOL, SAME, Z, exact, flat_slices, problem, random_params, rel
 
 
 def ggn(prob):
@@ -44,11 +44,7 @@ def built(text, input_shape, n, loss="mse", orthogonal_head=False, seed=0):
     """(Problem, dense GGN) for an architecture string on seeded data, chunks of 2 (padded)."""
     arch = parse(text, input_shape)
     r = np.random.default_rng(seed)
-    params = {}
-    for key, shape in arch.param_shapes().items():
-        layer, leaf = key.split("/")
-        fan_in = int(np.prod(shape[:-1])) if leaf == "kernel" else 1
-        params.setdefault(layer, {})[leaf] = jnp.asarray(r.normal(size=shape) / np.sqrt(fan_in))
+    params = random_params(arch, seed)
     if orthogonal_head:
         q, _ = np.linalg.qr(r.normal(size=params["Dense_0"]["kernel"].shape))
         params["Dense_0"]["kernel"] = jnp.asarray(q)
