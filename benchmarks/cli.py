@@ -49,7 +49,9 @@ def add_problem_flags(p: argparse.ArgumentParser, json_flag: bool = True) -> Non
                    help="size of the seeded Hessian subset (default 1000 for an mlp, 100 for convolutional models)")
     g.add_argument("--seed", type=int, default=0, help="seed for training, the subset and every probe (default 0)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    g.add_argument("--chunk-size", type=int, default=1000, help="samples per chunk of the curvature averages")
+    g.add_argument("--chunk-size", type=int, default=None,
+                   help="samples per chunk of the curvature averages (default: from the model's activation size, "
+                        "1000 for the mlp, 20 for the cnn)")
     if json_flag:
         g.add_argument("--json", default=None, metavar="PATH", help="write the result record here (atomically)")
 

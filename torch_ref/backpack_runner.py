@@ -18,6 +18,9 @@ Imports torch and backpack, never jax. Conventions (BackPACK 1.7.1):
   channel passes ``is_contiguous()`` yet is channels-last, convolutions then give
   channels-last outputs and DiagHessian through tanh/sigmoid fails ("view size is not
   compatible");
+- cost: KFRA backpropagates a dense batch-averaged (C·H·W)² matrix through every layer
+  above a convolution; on the default CNN (28x28 input, 1000 samples, float32, one thread)
+  it took ~460 s against 0.5-1.7 s for the other five extensions;
 - torch's default dtype is set to the model's for the run and restored after: BackPACK
   builds some tensors with the default dtype (MSELoss's summed Hessian ``2 * eye(C)`` in
   KFRA, MaxPool2d's KFRA ``scatter`` buffer), which would otherwise cut a float64 model to

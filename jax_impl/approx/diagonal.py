@@ -73,11 +73,12 @@ def _zeros(nds, dtype):
 def _diag_core(params, batches, key, nds, loss, mc_samples, hessian):
     ell = losses_mod.get_loss(loss)
     grad_ell = jax.grad(lambda z, y: jnp.sum(ell(z, y)))  # per-sample gradients (rows)
+    residuals = hessian and net.has_residuals(nds)  # without them DiagH is DiagGGN's computation
 
     def one(c, k):
         xs, logits = net.forward(nds, params, c.x)
         roots = [(net.loss_sqrt(loss, logits, k, mc_samples), None)]
-        g = grad_ell(logits, c.y) if hessian else None
+        g = grad_ell(logits, c.y) if residuals else None
         return {nd.name: param_diag(nd, x, r, c.w) for nd, x, r in net.backprop(nds, params, xs, roots, g)}
 
     tree = net.scan_chunks(one, batches, _zeros(nds, net.dtype_of(params)), key)

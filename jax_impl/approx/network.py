@@ -80,13 +80,25 @@ def check_mc_samples(mc_samples) -> int:
     return int(mc_samples)
 
 
+def _residual_at(nd: Node) -> bool:
+    """Whether the layer's input Hessian has a second-order residual (tanh, sigmoid; not ReLU
+    or the piecewise-linear kinds), asked of its rule."""
+    z = jnp.zeros((1, *nd.in_shape))
+    return RULES[nd.kind].residual(nd, z, z) is not None
+
+
+def has_residuals(nds) -> bool:
+    first = min(i for i, nd in enumerate(nds) if nd.name)
+    return any(_residual_at(nd) for nd in nds[first + 1:])
+
+
 def check_residual_size(nds, chunk: int, num_classes: int, method: str) -> None:
     """Refuse DiagH when the residual square roots (one column per feature of every tanh or
     sigmoid above a layer) would exceed MAX_ELEMENTS values per chunk at some layer."""
     first = min(i for i, nd in enumerate(nds) if nd.name)
     v = num_classes
     for nd in nds[first + 1:][::-1]:
-        if nd.kind == "activation" and nd.layer.name != "relu":
+        if _residual_at(nd):
             v += nd.d_in
         if chunk * v * nd.d_in > MAX_ELEMENTS:
             raise HessianApproxError(

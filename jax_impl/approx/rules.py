@@ -188,16 +188,23 @@ def _pool_selection(node, x):
 
 
 def windows_t(u, in_shape, window, stride):
-    """The transpose of ``windows`` (no padding): (B, V, H', W', kh, kw, C) -> (B, V, H, W, C),
-    each window entry added back to its pixel (by reshapes where the windows tile the image)."""
-    (h, w, c), (kh, kw) = in_shape, window
-    b, v, oh, ow = u.shape[:4]
-    if tuple(stride) == tuple(window):
-        img = u.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, v, oh * kh, ow * kw, c)
-        return jnp.pad(img, ((0, 0), (0, 0), (0, h - oh * kh), (0, w - ow * kw), (0, 0)))
-    idx = _window_index(in_shape, window, stride, (0, 0))
-    out = jnp.zeros((b, v, h * w, c), u.dtype).at[:, :, idx].add(u)
-    return out.reshape(b, v, h, w, c)
+    """The transpose of ``windows`` (no padding): (..., H', W', kh, kw, C) -> (..., H, W, C),
+    each window entry added back to its pixel. Deterministic (no scatter, whose atomic adds
+    reorder sums on GPUs): a reshape where the windows tile the image, else one strided
+    placement (lax.pad with interior padding) per window offset."""
+    (h, w, c), (kh, kw), (sh, sw) = in_shape, window, stride
+    lead, (oh, ow) = u.shape[:-5], u.shape[-5:-3]
+    u = u.reshape(-1, oh, ow, kh, kw, c)
+    if (sh, sw) == (kh, kw):
+        img = u.transpose(0, 1, 3, 2, 4, 5).reshape(-1, oh * kh, ow * kw, c)
+        out = jnp.pad(img, ((0, 0), (0, h - oh * kh), (0, w - ow * kw), (0, 0)))
+    else:
+        out = 0
+        for i in range(kh):
+            for j in range(kw):
+                cfg = [(0, 0, 0), (i, h - i - (oh - 1) * sh - 1, sh - 1), (j, w - j - (ow - 1) * sw - 1, sw - 1), (0, 0, 0)]
+                out = out + lax.pad(u[:, :, :, i, j], jnp.zeros((), u.dtype), cfg)
+    return out.reshape(*lead, h, w, c)
 
 
 def _maxpool_jac_t(node, p, x, s):
@@ -222,11 +229,9 @@ def _pool_kfra(node, p, q, m):
     e = oh * ow * kh * kw * c
     mx = jnp.broadcast_to(m.reshape(oh, ow, 1, 1, c, oh, ow, 1, 1, c), (oh, ow, kh, kw, c) * 2).reshape(e, e)
     mx = mx * q if q is not None else mx / (kh * kw) ** 2
-    idx = _window_index(node.in_shape, node.layer.window, node.layer.stride, (0, 0))
-    flat = (idx[..., None] * c + np.arange(c)).reshape(-1)  # unfolded entry -> input feature
-    d_in = node.d_in
-    y = jnp.zeros((e, d_in), m.dtype).at[:, flat].add(mx)
-    return jnp.zeros((d_in, d_in), m.dtype).at[flat].add(y)
+    ut = lambda a: windows_t(a.reshape(-1, oh, ow, kh, kw, c), node.in_shape, node.layer.window,
+                             node.layer.stride).reshape(a.shape[0], -1)
+    return ut(ut(mx).T).T  # Uᵀ mx U, rows then columns
 
 
 @dataclasses.dataclass(frozen=True)

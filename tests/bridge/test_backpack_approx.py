@@ -19,7 +19,7 @@ pytest.importorskip("backpack")
 
 from jax_impl.approx import APPROXIMATIONS  # noqa: E402
 from tests.bridge.test_backpack import S, Z, float64_one_thread, rel, twin  # noqa: E402,F401
-from tests.cases import case, params  # noqa: E402
+from tests.cases import CASES_ALL, case, params  # noqa: E402
 from bridge.backpack import to_structure  # noqa: E402
 from torch_ref.backpack_runner import run_backpack  # noqa: E402
 
@@ -38,7 +38,7 @@ def theirs(c, method, **kw):
     return to_structure(run_backpack(model, x, y, c.loss, method, **kw), arch, method)
 
 
-@pytest.mark.parametrize("c", params())
+@pytest.mark.parametrize("c", params(CASES_ALL))
 def test_exact_methods_match_backpack(c):
     for method in EXACT:
         a, b = ours(c, method), theirs(c, method)

@@ -115,10 +115,8 @@ def test_jax_leaves_frozen_dict_and_legacy_dict_accepted():
     import jax.numpy as jnp
     from flax.core import freeze
 
-    from jax_impl import models
-
     arch = ARCHS["cnn-same"]
-    params = models.init_params(arch, jax.random.PRNGKey(0), jnp.float32)
+    params = jax.tree_util.tree_map(jnp.asarray, random_params(arch, np.float32))
     state = flax_to_torch(params, arch)
     assert state["4.weight"].dtype == np.float32 and state["0.weight"].shape == (2, 1, 3, 3)
     assert all(np.array_equal(state[k], v) for k, v in flax_to_torch(freeze(params), arch).items())

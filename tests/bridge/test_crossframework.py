@@ -1,4 +1,4 @@
-"""The torch twin against the Flax network on every registry case: logits, loss, gradient, Hvp, dense Hessian, PyHessian.
+"""The torch twin against the Flax network on the registry's cases: logits, loss, gradient, Hvp, dense Hessian, PyHessian.
 
 The JAX side is plain autodiff of the Flax network (``jax.grad``, ``jax.hessian``, ``jax.jvp``
 of the mean loss over the flat parameters), the torch side ``torch_ref.exact`` (autograd twice)
@@ -50,14 +50,14 @@ def twin(c, params):
 
 @functools.lru_cache(maxsize=None)
 def jax_reference(c):
-    """(params, x, y, flat theta0 (d,), loss(theta) -> scalar mean loss) for case c, float64."""
+    """(params, x, y, flat theta0 (d,), loss(theta, x, y) -> scalar mean loss) for case c, float64."""
     params = c.params("float64")
     x, y = c.data()
     theta0, unravel = ravel_pytree(params)
     apply, ell = models.make_apply(c.arch), losses.get_loss(c.loss)
 
-    def loss(theta):
-        return jnp.mean(ell(apply(unravel(theta), jnp.asarray(x)), jnp.asarray(y)))
+    def loss(theta, x, y):
+        return jnp.mean(ell(apply(unravel(theta), x), y))
 
     return params, x, y, theta0, loss
 
@@ -65,15 +65,23 @@ def jax_reference(c):
 def jax_quantities(c, vectors):
     """{"logits" (N, C), "loss", "gradient" (d,), "hvp" (m, d), "hessian" (d, d)} by plain JAX autodiff.
 
-    Eager, not jitted: the registry's cases share a few layer shapes, whose primitives are
-    compiled once, while a jit would compile every (architecture, activation, loss) anew.
+    One jitted function per case (the data are arguments, not constants); the Hessian is the
+    forward-over-reverse Hvp applied to the identity's columns.
     """
-    params, x, _, theta0, loss = jax_reference(c)
-    grad = jax.grad(loss)
-    hvp = jax.vmap(lambda v: jax.jvp(grad, (theta0,), (v,))[1])  # forward-over-reverse
-    hv = np.asarray(hvp(jnp.concatenate([jnp.asarray(vectors), jnp.eye(theta0.size)])))
-    return {"logits": np.asarray(models.make_apply(c.arch)(params, jnp.asarray(x))), "loss": float(loss(theta0)),
-            "gradient": np.asarray(grad(theta0)), "hvp": hv[:len(vectors)], "hessian": hv[len(vectors):]}
+    params, x, y, theta0, loss = jax_reference(c)
+    apply = models.make_apply(c.arch)
+    unravel = ravel_pytree(params)[1]
+
+    @jax.jit
+    def quantities(theta, V, x, y):
+        grad = jax.grad(loss)
+        hv = jax.vmap(lambda v: jax.jvp(lambda t: grad(t, x, y), (theta,), (v,))[1])(V)
+        return apply(unravel(theta), x), loss(theta, x, y), grad(theta, x, y), hv
+
+    V = jnp.concatenate([jnp.asarray(vectors), jnp.eye(theta0.size)])
+    logits, value, g, hv = (np.asarray(a) for a in quantities(theta0, V, jnp.asarray(x), jnp.asarray(y)))
+    return {"logits": logits, "loss": float(value), "gradient": g, "hvp": hv[:len(vectors)],
+            "hessian": hv[len(vectors):]}
 
 
 @pytest.mark.parametrize("c", cases.params())
@@ -128,7 +136,8 @@ def test_pyhessian_on_cnn_twin_follows_jax_power_iteration(c):
     starts_torch = np.random.default_rng(3).normal(size=(k, d))
     ph = pyhessian_runner.top_eigenvalues(model, x, y, c.loss, k=k, max_iter=max_iter, tol=0.0,
                                           start_vectors=starts_torch)
-    hvp = jax.jit(lambda v: jax.jvp(jax.grad(loss), (theta0,), (v,))[1])
+    x_, y_ = jnp.asarray(x), jnp.asarray(y)
+    hvp = lambda v: jax.jvp(jax.grad(lambda t: loss(t, x_, y_)), (theta0,), (v,))[1]
     v0 = jnp.asarray(permutation.to_jax_vector(starts_torch.T, c.arch).T)
     res = power_iteration(hvp, d, None, k=k, max_iter=max_iter, tol=0.0, v0=v0)
     assert ph["iterations"] == [max_iter] * k and list(np.asarray(res.matvecs_per_pair)) == [max_iter] * k

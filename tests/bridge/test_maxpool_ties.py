@@ -22,6 +22,7 @@ from bridge.convert import load_into_torch  # noqa: E402
 from bridge.permutation import to_jax_vector  # noqa: E402
 from hessian_approx.architecture import parse  # noqa: E402
 from jax_impl import models  # noqa: E402
+from tests.bridge.test_convert import random_params  # noqa: E402
 from tests.torch_ref.conftest import one_torch_thread  # noqa: E402,F401  (autouse: one torch thread)
 from torch_ref import models as tmodels  # noqa: E402
 
@@ -116,8 +117,8 @@ def test_parameter_gradients_follow_the_first_maximum():
     arch, params, x = tied_conv_pool()
     apply = models.make_apply(arch)
     jp = jax.tree_util.tree_map(jnp.asarray, params)
-    grads = jax.grad(lambda p: apply(p, jnp.asarray(x)).sum())(jp)
-    gx_jax = np.asarray(jax.grad(lambda z: apply(jp, z).sum())(jnp.asarray(x)))
+    grads, gx_jax = jax.jit(jax.grad(lambda p, z: apply(p, z).sum(), argnums=(0, 1)))(jp, jnp.asarray(x))
+    gx_jax = np.asarray(gx_jax)
     model = load_into_torch(tmodels.build_twin(arch, torch.float64), params, arch)
     xt = tmodels.as_inputs(model, x).requires_grad_(True)
     model(xt).sum().backward()
@@ -146,13 +147,12 @@ def test_zero_background_conv_pool_gradients_agree():
     r = np.random.default_rng(1)
     x = np.zeros((4, 8, 8, 2))
     x[:, 4:7, 4:7] = r.normal(size=(4, 3, 3, 2))  # a blob in a corner of a zero background
-    params = jax.tree_util.tree_map(lambda a: np.asarray(a) + 0.1, models.init_params(arch, jax.random.PRNGKey(0),
-                                                                                        jnp.float64))
+    params = random_params(arch, seed=2)
     apply = models.make_apply(arch)
     jp = jax.tree_util.tree_map(jnp.asarray, params)
     loss = lambda p, z: jnp.sum(jnp.sin(apply(p, z)))
-    g_jax = np.asarray(ravel_pytree(jax.grad(loss)(jp, jnp.asarray(x)))[0])
-    gx_jax = np.asarray(jax.grad(loss, argnums=1)(jp, jnp.asarray(x)))
+    g_p, gx_jax = jax.jit(jax.grad(loss, argnums=(0, 1)))(jp, jnp.asarray(x))
+    g_jax, gx_jax = np.asarray(ravel_pytree(g_p)[0]), np.asarray(gx_jax)
     model = load_into_torch(tmodels.build_twin(arch, torch.float64), params, arch)
     xt = tmodels.as_inputs(model, x).requires_grad_(True)
     torch.sin(model(xt)).sum().backward()
