@@ -26,7 +26,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from hessian_approx.architecture import Architecture, ParamLayer
+from hessian_approx.architecture import Architecture, ParamLayer, coerce
 from hessian_approx.errors import HessianApproxError
 
 LEAVES = ("kernel", "bias")  # Flax leaves of every parameterized kind
@@ -80,14 +80,7 @@ LAYOUT_RULES: dict[str, LayoutRule] = {
 }
 
 
-def architecture(arch) -> Architecture:
-    """An Architecture from itself, its ``to_dict()`` dict or the first version's MLP spec dict."""
-    if isinstance(arch, Architecture):
-        return arch
-    if isinstance(arch, Mapping):
-        return Architecture.from_dict(dict(arch))
-    raise HessianApproxError(f"architecture {arch!r} is neither an Architecture nor its dict",
-                             "pass hessian_approx.architecture.parse(...) or Architecture.to_dict()")
+architecture = coerce  # an Architecture from itself or its dict (hessian_approx.architecture.coerce)
 
 
 def rule(p: ParamLayer) -> LayoutRule:

@@ -177,6 +177,18 @@ class Architecture:
             raise HessianApproxError(f"architecture JSON is malformed ({err})", "write it with Architecture.to_json()") from None
 
 
+def coerce(arch) -> Architecture:
+    """An Architecture from itself, its ``to_dict()`` dict or the first version's MLP spec dict."""
+    if isinstance(arch, Architecture):
+        return arch
+    if isinstance(arch, dict):
+        return Architecture.from_dict(arch)
+    if hasattr(arch, "keys"):  # any other mapping
+        return Architecture.from_dict(dict(arch))
+    raise HessianApproxError(f"architecture {arch!r} is neither an Architecture nor its dict",
+                             "pass hessian_approx.architecture.parse(...) or Architecture.to_dict()")
+
+
 def _from_legacy(d: dict) -> Architecture:
     if d.get("kind", "mlp") != "mlp":
         raise HessianApproxError(f"model kind {d.get('kind')!r} is not supported", "use kind 'mlp'")

@@ -14,6 +14,7 @@ tests can use the registry without it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -64,15 +65,13 @@ class Case:
         return x, y
 
     def params(self, dtype="float64"):
-        """Flax initial parameters (seeded), biases and kernels perturbed so no symmetry hides an error."""
+        """Flax initial parameters (seeded), biases and kernels perturbed so no symmetry hides an error.
+
+        A fresh tree each call (the arrays are shared and immutable), so tests may edit it.
+        """
         import jax
-        import jax.numpy as jnp
 
-        from jax_impl import models
-
-        params = models.cast_params(models.init_params(self.arch, jax.random.PRNGKey(self.seed)), dtype)
-        return jax.tree_util.tree_map(
-            lambda a: a + 0.1 * jnp.sin(jnp.arange(a.size).reshape(a.shape) + 1.0).astype(a.dtype), params)
+        return jax.tree_util.tree_map(lambda a: a, _init(self.arch, self.seed, dtype))
 
     def problem(self, dtype="float64", chunk_size: int = 1000, n: int | None = None):
         """operators.Problem on this case's data and parameters."""
@@ -82,6 +81,21 @@ class Case:
         batches = operators.make_batches(x, y, chunk_size, dtype=dtype)
         return operators.Problem(models.make_apply(self.arch), losses.get_loss(self.loss),
                                  self.params(dtype), batches)
+
+
+@functools.lru_cache(maxsize=None)
+def _init(arch, seed, dtype):
+    import jax
+    import jax.numpy as jnp
+
+    from jax_impl import models
+
+    def make():
+        params = models.cast_params(models.init_params(arch, jax.random.PRNGKey(seed)), dtype)
+        return jax.tree_util.tree_map(
+            lambda a: a + 0.1 * jnp.sin(jnp.arange(a.size).reshape(a.shape) + 1.0).astype(a.dtype), params)
+
+    return jax.jit(make)()  # jitted: eager Flax initialization took 5-7 s per architecture
 
 
 CASES_ALL = [Case(a, act, loss) for a in ARCHITECTURES for act in ACTIVATIONS for loss in LOSSES]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from hessian_approx.architecture import Architecture
+from hessian_approx.architecture import Architecture, coerce
 from hessian_approx.errors import HessianApproxError
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -32,14 +32,7 @@ TORCH_LAYERS: dict[str, Callable[[Any, tuple, torch.dtype], nn.Module]] = {
 }
 
 
-def architecture(arch) -> Architecture:
-    """An Architecture from itself, its ``to_dict()`` dict or the first version's MLP spec dict."""
-    if isinstance(arch, Architecture):
-        return arch
-    if isinstance(arch, Mapping):
-        return Architecture.from_dict(dict(arch))
-    raise HessianApproxError(f"architecture {arch!r} is neither an Architecture nor its dict",
-                             "pass hessian_approx.architecture.parse(...) or Architecture.to_dict()")
+architecture = coerce  # an Architecture from itself or its dict (hessian_approx.architecture.coerce)
 
 
 def twin_layer(layer, in_shape, dtype: torch.dtype = torch.float32) -> nn.Module:
