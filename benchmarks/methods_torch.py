@@ -48,7 +48,7 @@ def check_torch_dense(ctx) -> None:
 def torch_exact(ctx):
     import torch
 
-    from torch_ref.exact import DEFAULT_METHOD
+    from torch_ref.exact import default_method
 
     h, t_dense = torch_hessian(ctx)
     t0 = time.perf_counter()
@@ -56,7 +56,7 @@ def torch_exact(ctx):
     t_eig = time.perf_counter() - t0
     return {"eigenvalues": evals[: ctx.options.k].tolist(), "spectrum": evals.tolist(),
             "trace": float(np.trace(h)), "seconds": t_dense + t_eig, "seconds_dense": t_dense,
-            "seconds_eigh": t_eig, "matvecs": int(h.shape[0]), "hessian_method": DEFAULT_METHOD}
+            "seconds_eigh": t_eig, "matvecs": int(h.shape[0]), "hessian_method": default_method(twin(ctx)[0])}
 
 
 @method("pyhessian", "PyHessian: top-k eigenvalues by power iteration with deflation", check_k)

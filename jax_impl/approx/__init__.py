@@ -1,4 +1,4 @@
-"""Structured curvature approximations (BackPACK's second-order extensions, natively in JAX) for any network of the architecture description.
+"""Structured curvature approximations (BackPACK's second-order extensions) for described networks.
 
 ``APPROXIMATIONS[name](problem, arch, key, mc_samples=1, **options) -> Diagonal | KroneckerBlocks``
 for name in diag-ggn, diag-ggn-mc, diag-h, kfac, kflr, kfra. ``arch`` is an Architecture,

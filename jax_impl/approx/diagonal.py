@@ -1,4 +1,4 @@
-"""Diagonal curvature approximations of layered networks (Dense, Conv2d, pools, flatten, activations): DiagGGN, DiagGGN-MC, DiagHessian.
+"""Diagonal curvature approximations of layered networks: DiagGGN, DiagGGN-MC, DiagHessian.
 
 These follow BackPACK's definitions (``DiagGGNExact``, ``DiagGGNMC``, ``DiagHessian``) for a
 loss L(θ) = Σ_n w_n ℓ(f(θ, x_n), y_n), Σ_n w_n = 1 (w_n = 1/N is BackPACK's mean

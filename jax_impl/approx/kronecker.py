@@ -1,4 +1,4 @@
-"""Kronecker-factored GGN approximations of layered networks (KFAC, KFLR, KFRA), with three conventions for convolutions.
+"""Kronecker-factored GGN approximations (KFAC, KFLR, KFRA) with three conventions for convolutions.
 
 Notation (as in ``jax_impl.approx.diagonal``): L(θ) = Σ_n w_n ℓ_n, Σ_n w_n = 1 (w_n = 1/N:
 BackPACK's mean reduction; padding w_n = 0). A parameter layer computes
@@ -9,7 +9,8 @@ Conv2d: T = H'·W', a[t] the input patch at t in the kernel's (kh, kw, in) order
 Grosse 2015; ``mc_samples`` draws, E[SᵀS] exact; chunk c uses split(key, num_chunks)[c]).
 
 Each layer gives (G, A): the kernel block is kron(A, G) on the Flax kernel flattened
-row-major to (J, O), the bias block is G (``KroneckerBlocks``). The conventions
+row-major to (J, O), the bias block is G (``KroneckerBlocks``; weight and bias separate, as
+BackPACK and curvlinops' default ``separate_weight_and_bias=True``). The conventions
 (option ``kfac_approx``) differ only for T > 1; for Dense layers all three coincide:
 
 - ``"backpack"`` (default; BackPACK 1.7.1 ``HBPConv2d``, the convention the BackPACK
@@ -18,13 +19,14 @@ row-major to (J, O), the bias block is G (``KroneckerBlocks``). The conventions
       G = Σ_n w_n Σ_v (Σ_t S_n[v, t]) (Σ_t S_n[v, t])ᵀ   (= the exact GGN bias block)
 - ``"expand"`` (Eschenhagen et al. 2023, "Kronecker-Factored Approximate Curvature for
   Modern Neural Network Architectures", KFAC-expand = Grosse & Martens' KFC; curvlinops'
-  ``KFACType.EXPAND``: input covariance divided by N·T, output gradients summed per
-  location):
+  ``KFACType.EXPAND``: input covariance over all (n, t) divided by N·T, output-gradient
+  covariance over all (n, t), the mean reduction's 1/N² corrected to 1/N):
       A = Σ_n w_n (1/T) Σ_t a_{n,t} a_{n,t}ᵀ        (= BackPACK's A / T)
       G = Σ_n w_n Σ_v Σ_t S_n[v, t] S_n[v, t]ᵀ
   Exact when the T locations are independent terms of the loss with equal output Hessians
   (each location's output feeds its own MSE term), for any N.
-- ``"reduce"`` (Eschenhagen et al. 2023, KFAC-reduce; curvlinops ``KFACType.REDUCE``):
+- ``"reduce"`` (Eschenhagen et al. 2023, KFAC-reduce; curvlinops ``KFACType.REDUCE``:
+  averaged patches, output gradients summed over t):
       A = Σ_n w_n ā_n ā_nᵀ, ā_n = (1/T) Σ_t a_{n,t}   (the spatially averaged patch)
       G = Σ_n w_n Σ_v (Σ_t S_n[v, t]) (Σ_t S_n[v, t])ᵀ   (= BackPACK's G)
   Exact when the layer's output is averaged over the locations before anything nonlinear

@@ -1,4 +1,4 @@
-"""The network walk shared by the structured approximations: checks, forward pass, loss square roots, backpropagation, chunked scans."""
+"""The network walk of the structured approximations: checks, forward, loss square roots, backprop."""
 
 from __future__ import annotations
 

@@ -7,7 +7,9 @@ inputs ``x`` are (B, *in_shape), backpropagated square roots ``s`` are (B, V, *o
 - ``forward(node, p, x)``: the layer's output, computed as the Flax model computes it
   (same primitives, so max-pool ties route identically);
 - ``jac_t(node, p, x, s)``: Jacobian-transpose products (B, V, *out) -> (B, V, *in)
-  (BackPACK ``jac_t_mat_prod``); for pooling and convolution, JAX's own vjp vmapped over V;
+  (BackPACK ``jac_t_mat_prod``): average pooling by JAX's own vjp vmapped over V; max-pooling
+  through the window each output took, read off JAX's vjp (``_pool_selection``); convolution
+  as an explicit transposed convolution (tests check each against jax.vjp of the layer);
 - ``residual(node, x, g)``: the input Hessian's second-order term Σ_k g_k ∇²out_k as a
   diagonal (B, *in) when it is not zero: σ''(x) ⊙ g for tanh and sigmoid (BackPACK's
   ``hessian_diagonal``); None for piecewise-linear layers (dense, conv, pools, flatten, ReLU);
@@ -105,16 +107,13 @@ def windows(x, window, stride, pads=(0, 0)):
     return xp.reshape(x.shape[0], -1, x.shape[-1])[:, idx]
 
 
-def _sandwich(linear: Callable, m, in_shape, out_shape):
-    """Jᵀ m J for a linear map ``linear`` (B, *in) -> (B, *out) with a sample-independent Jacobian J.
-
-    Two vjps over the rows of m (BackPACK conv/avgpool ``ea_jac_t_mat_jac_prod``): (D_out, D_out) -> (D_in, D_in).
-    """
-    d_in, d_out = math.prod(in_shape), math.prod(out_shape)
-    _, vjp = jax.vjp(linear, jnp.zeros((1, *in_shape), m.dtype))
-    jt = lambda rows: jax.vmap(lambda r: vjp(r[None])[0][0])(rows.reshape(-1, *out_shape)).reshape(-1, d_in)
-    mj = jt(m)  # (D_out, D_in) = m J
-    return jt(mj.T).T  # Jᵀ m J (m symmetric)
+def _sandwich(node, p, stat, m):
+    """Jᵀ m J for a layer whose Jacobian J is the same for every sample (Conv2d, AvgPool2d;
+    BackPACK's ``ea_jac_t_mat_jac_prod``): the rule's own jac_t on the rows of m, twice.
+    (D_out, D_out) -> (D_in, D_in)."""
+    x0 = jnp.zeros((1, *node.in_shape), m.dtype)  # linear layers: J does not depend on x
+    jt = lambda rows: RULES[node.kind].jac_t(node, p, x0, rows.reshape(1, -1, *node.out_shape)).reshape(-1, node.d_in)
+    return jt(jt(m).T).T  # rows: m J (D_out, D_in); again on its columns: Jᵀ m J (m symmetric)
 
 
 # ---- per kind ---------------------------------------------------------------------------
@@ -122,15 +121,27 @@ def _dense_forward(node, p, x):
     return x @ p["kernel"] + p["bias"]
 
 
-def _conv_linear(node, kernel):
-    ph, pw = node.layer.pads(node.in_shape)
-    return lambda x: lax.conv_general_dilated(x, kernel, node.layer.stride, ((ph, ph), (pw, pw)),
-                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 def _conv_forward(node, p, x):
     """As flax.linen.Conv: lax.conv_general_dilated (NHWC, HWIO) plus the bias."""
-    return _conv_linear(node, p["kernel"])(x) + p["bias"]
+    ph, pw = node.layer.pads(node.in_shape)
+    y = lax.conv_general_dilated(x, p["kernel"], node.layer.stride, ((ph, ph), (pw, pw)),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + p["bias"]
+
+
+def _conv_jac_t(node, p, x, s):
+    """Jᵀ s for a convolution: the transposed convolution, written as a forward convolution
+    (flipped kernel with in/out swapped, input dilated by the stride, padding k - 1 - p plus
+    the rows the forward's floor left out). Equal to jax.vjp of the layer (whose dimension-
+    number form XLA:CPU runs ~6x slower inside the chunk scan). (B, V, *out) -> (B, V, *in)."""
+    l, (b, v) = node.layer, s.shape[:2]
+    (h, w, _), (oh, ow, o) = node.in_shape, node.out_shape
+    kt = jnp.flip(p["kernel"], (0, 1)).transpose(0, 1, 3, 2)
+    cfg = [(k - 1 - q, k - 1 - q + size + 2 * q - k - (n - 1) * st)
+           for size, k, st, q, n in zip((h, w), l.kernel, l.stride, l.pads(node.in_shape), (oh, ow))]
+    y = lax.conv_general_dilated(s.reshape(b * v, oh, ow, o), kt, (1, 1), cfg, lhs_dilation=l.stride,
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y.reshape(b, v, *node.in_shape)
 
 
 def _conv_unfold(node, x):
@@ -202,8 +213,9 @@ def windows_t(u, in_shape, window, stride):
         out = 0
         for i in range(kh):
             for j in range(kw):
-                cfg = [(0, 0, 0), (i, h - i - (oh - 1) * sh - 1, sh - 1), (j, w - j - (ow - 1) * sw - 1, sw - 1), (0, 0, 0)]
-                out = out + lax.pad(u[:, :, :, i, j], jnp.zeros((), u.dtype), cfg)
+                rows = (i, h - i - (oh - 1) * sh - 1, sh - 1)  # (low, high, interior) padding
+                cols = (j, w - j - (ow - 1) * sw - 1, sw - 1)
+                out = out + lax.pad(u[:, :, :, i, j], jnp.zeros((), u.dtype), [(0, 0, 0), rows, cols, (0, 0, 0)])
     return out.reshape(*lead, h, w, c)
 
 
@@ -220,17 +232,20 @@ def _maxpool_kfra_stat(node, x, w):
     return jnp.einsum("n,ni,nj->ij", w, s, s)
 
 
-def _pool_kfra(node, p, q, m):
-    """Σ_n w_n J_nᵀ m J_n for a pool: J_n = Sel_n ∘ U (U the window gather, Sel_n picking one
-    entry per window (max) or averaging (avg)), so the sum is Uᵀ ((m expanded over the
-    window) ⊙ Q) U, with Q the selection statistic (max) or 1/(kh·kw)² (avg)."""
+def _maxpool_kfra(node, p, q, m):
+    """Σ_n w_n J_nᵀ m J_n for max-pooling: J_n = Sel_n ∘ U (U the window gather, Sel_n picking
+    the entry each window took), so the sum is Uᵀ ((m expanded over the window) ⊙ Q) U with
+    Q = Σ_n w_n s_n s_nᵀ the selection statistic (``_maxpool_kfra_stat``); as BackPACK's
+    per-sample loop, in one pass. (D_out, D_out) -> (D_in, D_in), E² memory."""
     (kh, kw), c = node.layer.window, node.in_shape[-1]
     oh, ow = node.out_shape[:2]
     e = oh * ow * kh * kw * c
     mx = jnp.broadcast_to(m.reshape(oh, ow, 1, 1, c, oh, ow, 1, 1, c), (oh, ow, kh, kw, c) * 2).reshape(e, e)
-    mx = mx * q if q is not None else mx / (kh * kw) ** 2
-    ut = lambda a: windows_t(a.reshape(-1, oh, ow, kh, kw, c), node.in_shape, node.layer.window,
-                             node.layer.stride).reshape(a.shape[0], -1)
+    mx = mx * q
+    def ut(a):  # (R, E) -> (R, D_in): Uᵀ applied to every row
+        u = a.reshape(-1, oh, ow, kh, kw, c)
+        return windows_t(u, node.in_shape, node.layer.window, node.layer.stride).reshape(a.shape[0], -1)
+
     return ut(ut(mx).T).T  # Uᵀ mx U, rows then columns
 
 
@@ -254,13 +269,13 @@ RULES: dict[str, Rule] = {
         unfold=lambda node, x: x[:, None, :]),
     "conv2d": Rule(
         forward=_conv_forward,
-        jac_t=_vjp_jac_t,
-        kfra=lambda node, p, stat, m: _sandwich(_conv_linear(node, p["kernel"]), m, node.in_shape, node.out_shape),
+        jac_t=_conv_jac_t,
+        kfra=_sandwich,
         unfold=_conv_unfold),
     "maxpool2d": Rule(
-        forward=_free_forward, jac_t=_maxpool_jac_t, kfra=_pool_kfra, kfra_stat=_maxpool_kfra_stat),
+        forward=_free_forward, jac_t=_maxpool_jac_t, kfra=_maxpool_kfra, kfra_stat=_maxpool_kfra_stat),
     "avgpool2d": Rule(
-        forward=_free_forward, jac_t=_vjp_jac_t, kfra=lambda node, p, stat, m: _pool_kfra(node, p, None, m)),
+        forward=_free_forward, jac_t=_vjp_jac_t, kfra=_sandwich),
     "flatten": Rule(
         forward=_free_forward,
         jac_t=lambda node, p, x, s: s.reshape(*s.shape[:2], *node.in_shape),

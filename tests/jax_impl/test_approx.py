@@ -1,4 +1,4 @@
-"""Structured approximations (DiagGGN, DiagGGN-MC, DiagH; the structures; errors) against exact JAX quantities, MLP and CNN.
+"""Diagonal approximations, the structures and the errors against exact JAX quantities, MLP and CNN.
 
 Oracles: the dense Hessian and GGN (materialize.dense of operators.hvp / ggn_vp) in float64
 on the registry's tiny cases (tests/cases.py), the identities of DESIGN.md, Monte-Carlo
@@ -18,8 +18,9 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from hessian_approx.architecture import parse
-from jax_impl import losses, models, operators
-from jax_impl.approx import APPROXIMATIONS, Diagonal, KroneckerBlocks, diag_ggn, diag_ggn_mc, diag_hessian, kfac, kflr, kfra
+from jax_impl import operators
+from jax_impl.approx import (APPROXIMATIONS, Diagonal, KroneckerBlocks, diag_ggn, diag_ggn_mc, diag_hessian,
+                             kfac, kflr, kfra)
 from jax_impl.approx import network, rules
 from jax_impl.errors import HessianApproxError
 from jax_impl.materialize import dense
@@ -50,33 +51,10 @@ def rel(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-def random_params(arch, seed=0):
-    """Parameters of ``arch`` drawn by numpy: kernels N(0, 1/fan_in), biases N(0, 0.01).
-
-    Used instead of Case.params (Flax's initializer, whose jax.random kernels take seconds
-    to compile per shape set on the CPU); the cases' architectures, data and losses are the
-    registry's.
-    """
-    r = np.random.default_rng(seed)
-    out = {}
-    for key, shape in arch.param_shapes().items():
-        layer, leaf = key.split("/")
-        scale = 1 / np.sqrt(np.prod(shape[:-1])) if leaf == "kernel" else 0.1
-        out.setdefault(layer, {})[leaf] = jnp.asarray(scale * r.normal(size=shape))
-    return out
-
-
-@functools.lru_cache(maxsize=None)
-def params(arch_name):
-    return random_params(case(arch_name).arch)
-
-
 @functools.lru_cache(maxsize=None)
 def problem(c, n=N, chunk=CHUNK):
-    """c.problem(chunk_size=chunk, n=n) with ``random_params`` (cached: the dense references reuse it)."""
-    x, y = c.data(n)
-    return operators.Problem(models.make_apply(c.arch), losses.get_loss(c.loss), params(c.arch_name),
-                             operators.make_batches(x, y, chunk, dtype=jnp.float64))
+    """c.problem(chunk_size=chunk, n=n), cached (the dense references reuse it)."""
+    return c.problem(chunk_size=chunk, n=n)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,4 +1,4 @@
-"""The per-layer curvature rules one by one (jax_impl.approx.rules) against autodiff of each layer's own forward.
+"""The per-layer curvature rules (jax_impl.approx.rules) one by one against autodiff of each layer.
 
 Oracles: jax.vjp / jax.jacobian / jax.hessian of the Flax model's per-layer callables
 (jax_impl.models.FLAX_LAYERS, nn.Conv's lax.conv_general_dilated), evaluated eagerly on
@@ -19,7 +19,6 @@ from jax_impl import models
 from jax_impl.approx import network
 from jax_impl.approx.rules import RULES, Node, nodes, windows
 from tests.cases import case
-from tests.jax_impl.test_approx import params
 
 TOL = 1e-12
 
@@ -66,10 +65,14 @@ def test_max_pool_routes_as_jax_vjp(window, stride):
     assert rel(fwd, y) == 0 and rel(got, ref) < TOL
 
 
-@pytest.mark.parametrize("conv", [Conv2d(4, (3, 3), (2, 2), (1, 1)), Conv2d(2, (3, 2), (2, 1), (1, 0)),
-                                  Conv2d(3, (3, 3), (1, 1), "SAME"), Conv2d(2, (2, 2))])
-def test_conv_unfold_reproduces_the_convolution(conv):
-    """out[n, t, o] = Σ_j unfold[n, t, j] K[j, o] + b[o] with K (kh, kw, in, out) read as (kh·kw·in, out)."""
+CONVS = [Conv2d(4, (3, 3), (2, 2), (1, 1)), Conv2d(2, (3, 2), (2, 1), (1, 0)), Conv2d(3, (3, 3), (1, 1), "SAME"),
+         Conv2d(2, (2, 2)), Conv2d(2, (2, 3), (3, 2), (2, 1))]
+
+
+@pytest.mark.parametrize("conv", CONVS)
+def test_conv_unfold_and_jac_t_reproduce_the_convolution(conv):
+    """out[n, t, o] = Σ_j unfold[n, t, j] K[j, o] + b[o] with K (kh, kw, in, out) read as (kh·kw·in, out);
+    the transposed convolution is the layer's vjp (strides whose floor drops rows, uneven kernels)."""
     nd = node_of(conv, (7, 6, 3))
     p = layer_params(nd)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 7, 6, 3)))
@@ -79,6 +82,9 @@ def test_conv_unfold_reproduces_the_convolution(conv):
     assert u.shape == (3, nd.locations, conv.kernel[0] * conv.kernel[1] * 3)
     assert rel(u @ p["kernel"].reshape(-1, conv.features) + p["bias"], y.reshape(3, -1, conv.features)) < TOL
     assert rel(RULES["conv2d"].forward(nd, p, x), y) < TOL
+    s = jnp.asarray(np.random.default_rng(3).normal(size=(3, 2, *nd.out_shape)))
+    _, vjp = jax.vjp(lambda u: flax.apply({"params": p}, u), x)
+    assert rel(RULES["conv2d"].jac_t(nd, p, x, s), jnp.stack([vjp(s[:, v])[0] for v in range(2)], 1)) < TOL
 
 
 def normal(shape, seed):
@@ -104,7 +110,7 @@ def test_every_jac_t_is_the_vjp_of_the_layer(name):
     """Each rule's Jacobian-transpose product against jax.vjp of the layer, on the registry CNNs."""
     c = case(name, "tanh", "cross_entropy")
     ss = [normal((3, 4, *nd.out_shape), nd.index) for nd in nodes(c.arch)]
-    pairs = _jac_t_pairs(c.arch, params(name), tied((3, *c.arch.input_shape)) - 0.5, ss)
+    pairs = _jac_t_pairs(c.arch, c.params(), tied((3, *c.arch.input_shape)) - 0.5, ss)
     for nd, (got, ref) in zip(nodes(c.arch), pairs):
         assert rel(got, ref) < TOL, nd.kind
 
@@ -146,7 +152,7 @@ def test_kfra_rules_are_weighted_jacobian_sandwiches(name):
     c = case(name, "relu", "cross_entropy")
     w = jnp.asarray([0.5, 0.3, 0.2, 0.0])
     ms = [normal((nd.d_out, nd.d_out), nd.index) for nd in nodes(c.arch)]
-    pairs = _kfra_pairs(c.arch, params(name), tied((4, *c.arch.input_shape)) - 0.3, w, ms)
+    pairs = _kfra_pairs(c.arch, c.params(), tied((4, *c.arch.input_shape)) - 0.3, w, ms)
     for nd, (got, ref) in zip(nodes(c.arch), pairs):
         assert rel(got, ref) < TOL, nd.kind
 
