@@ -68,6 +68,9 @@ def add_method_flags(p: argparse.ArgumentParser, default_methods) -> None:
     g.add_argument("--slq-steps", type=int, default=100, help="Lanczos steps per SLQ run (default 100)")
     g.add_argument("--slq-runs", type=int, default=1, help="SLQ runs (PyHessian's n_v, default 1)")
     g.add_argument("--mc-samples", type=int, default=1, help="Monte-Carlo samples for diag-ggn-mc and kfac (default 1)")
+    g.add_argument("--kfac-approx", default="backpack", choices=["backpack", "expand", "reduce"],
+                   help="convention of the conv Kronecker factors of kfac, kflr, kfra (default backpack: "
+                        "BackPACK 1.7.1's; expand/reduce: Eschenhagen et al. 2023; see README)")
     g.add_argument("--pyhessian-trace-tol", type=float, default=1e-3,
                    help="PyHessian trace's tol (default 1e-3; 0 uses all --hutchinson-samples probes)")
 

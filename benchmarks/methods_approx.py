@@ -20,6 +20,9 @@ DESCRIPTIONS = {
 }
 
 
+KRONECKER = ("kfac", "kflr", "kfra")
+
+
 def structure_entry(struct, k: int, seconds: float) -> dict:
     """The common fields of a structured approximation: top-k eigenvalues, trace, time, kind."""
     return {"eigenvalues": np.asarray(struct.eigenvalues(k), np.float64).tolist(),
@@ -33,7 +36,8 @@ def jax_approximation(ctx, name: str):
     if name not in cache:
         fn = APPROXIMATIONS[name]
         t0 = time.perf_counter()
-        struct = jax.block_until_ready(fn(ctx.problem, ctx.arch, ctx.key(name), ctx.options.mc_samples))
+        struct = jax.block_until_ready(fn(ctx.problem, ctx.arch, ctx.key(name), ctx.options.mc_samples,
+                                          kfac_approx=ctx.options.kfac_approx))
         cache[name] = (struct, time.perf_counter() - t0)
     return cache[name]
 
@@ -41,8 +45,11 @@ def jax_approximation(ctx, name: str):
 def _register(name: str):
     def run(ctx):
         struct, secs = jax_approximation(ctx, name)
-        return {**structure_entry(struct, ctx.options.k, secs), "mc_samples": ctx.options.mc_samples
-                if name in ("diag-ggn-mc", "kfac") else None}
+        entry = {**structure_entry(struct, ctx.options.k, secs), "mc_samples": ctx.options.mc_samples
+                 if name in ("diag-ggn-mc", "kfac") else None}
+        if name in KRONECKER:
+            entry["kfac_approx"] = ctx.options.kfac_approx
+        return entry
 
     method(name, f"JAX: {DESCRIPTIONS[name]}")(run)
 

@@ -133,6 +133,9 @@ def _register_backpack(name: str):
                 max(metrics.rel_frobenius(np.asarray(a), np.asarray(b)) for a, b in zip(ours.G, struct.G)),
                 max(metrics.rel_frobenius(np.asarray(a), np.asarray(b)) for a, b in zip(ours.A, struct.A)))
         entry["seconds_note"] = "one forward and backward pass with the BackPACK extension"
+        if name in ("kfac", "kflr", "kfra") and ctx.options.kfac_approx != "backpack":
+            entry["vs_jax_note"] = (f"JAX factors in the {ctx.options.kfac_approx!r} convention, BackPACK's in its own: "
+                                    "they differ by design on convolutions")
         return entry
 
     method(f"backpack:{name}", f"BackPACK: {DESCRIPTIONS[name]}")(run)

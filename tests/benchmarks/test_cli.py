@@ -148,3 +148,14 @@ def test_cnn_from_a_layer_string_end_to_end(capsys, tmp_path):
     assert prov["num_params"] == (3 * 3 * 1 * 3 + 3) + (3 * 3 * 3 * 10 + 10) == 310  # 8 -conv3-> 6 -pool2-> 3
     exact = rec["results"]["exact"]
     np.testing.assert_allclose(rec["results"]["lanczos"]["eigenvalues"], exact["eigenvalues"], rtol=1e-10)
+    # the Kronecker convention reaches the library and the record; reduce and expand differ on a conv net
+    traces = {}
+    for conv in ("reduce", "expand"):
+        js = tmp_path / f"{conv}.json"
+        code, _, err = run(capsys, "approx", "--dataset", "digits", "--hessian-samples", "60", "--checkpoint", str(ck),
+                           "--methods", "kflr", "--kfac-approx", conv, "--json", str(js))
+        assert code == 0, err
+        rec = json.loads(js.read_text())
+        assert rec["results"]["kflr"]["kfac_approx"] == conv == rec["provenance"]["kfac_approx"]
+        traces[conv] = rec["results"]["kflr"]["trace"]
+    assert abs(traces["reduce"] - traces["expand"]) > 1e-3 * abs(traces["expand"])
