@@ -144,7 +144,8 @@ def _hessian_func(model, x, y, loss, rows: int = FUNC_ROWS) -> torch.Tensor:
     """
     f, theta0 = flat_loss_fn(model, x, y, loss)
     d = theta0.numel()
-    hvp = torch.func.vmap(lambda v: torch.func.jvp(torch.func.grad(f), (theta0,), (v,))[1])
+    # jacrev, not grad: torch 2.13's jvp of torch.func.grad fails on MSE ("ZeroTensors are immutable")
+    hvp = torch.func.vmap(lambda v: torch.func.jvp(torch.func.jacrev(f), (theta0,), (v,))[1])
     out = torch.empty(d, d, dtype=theta0.dtype)
     with warnings.catch_warnings():  # torch's own forward-AD decompositions still call torch.jit.script
         warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning)
