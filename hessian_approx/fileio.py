@@ -27,6 +27,7 @@ def atomic_write(path, write) -> None:
                                  "choose a writable path that is not a directory") from None
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; result files are readable like any other
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)

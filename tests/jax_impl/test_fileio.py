@@ -29,3 +29,9 @@ def test_unwritable_targets_are_one_line_errors(tmp_path):
         check_writable_file(tmp_path / "adir")
     check_writable_dir(tmp_path / "new" / "deeper")
     check_writable_file(tmp_path / "new" / "r.json")
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    """The temporary file is private (0600); the result is not."""
+    atomic_write(tmp_path / "r.json", lambda tmp: open(tmp, "w").write("{}"))
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
