@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("backpack")
+torch = pytest.importorskip("torch", reason="the torch extra is not installed")
+pytest.importorskip("backpack", reason="the torch extra (BackPACK) is not installed")
 
 from bridge.backpack import input_factor_to_flax, kernel_rows, to_diagonal, to_kronecker, to_structure  # noqa: E402
 from bridge.convert import load_into_torch  # noqa: E402

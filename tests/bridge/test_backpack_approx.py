@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("backpack")
+torch = pytest.importorskip("torch", reason="the torch extra is not installed")
+pytest.importorskip("backpack", reason="the torch extra (BackPACK) is not installed")
 
 from jax_impl.approx import APPROXIMATIONS  # noqa: E402
 from tests.bridge.test_backpack import S, Z, float64_one_thread, rel, twin  # noqa: E402,F401

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 
 from bridge.convert import (  # noqa: E402
     LAYOUT_RULES, architecture, check_twin, flax_to_torch, load_into_torch, state_dict_from_torch, torch_shapes,

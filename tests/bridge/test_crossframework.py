@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 
 from bridge import permutation  # noqa: E402
 from bridge.convert import load_into_torch  # noqa: E402

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 
 from bridge.convert import flax_to_torch, load_into_torch  # noqa: E402
 from bridge.permutation import (  # noqa: E402

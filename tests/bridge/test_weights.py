@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402

@@ -120,7 +120,7 @@ def test_backpack_diag_hessian_on_one_channel_tanh_conv():
     (With ``permute(0, 3, 1, 2).contiguous()`` instead, BackPACK 1.7 raises "view size is not
     compatible with input tensor's size and stride" here.)
     """
-    backpack = pytest.importorskip("backpack")
+    backpack = pytest.importorskip("backpack", reason="the torch extra (BackPACK) is not installed")
     from backpack.extensions import DiagHessian
 
     c = cases.case("cnn-avg", "tanh", "cross_entropy")  # 8x8x1 images
