@@ -29,5 +29,12 @@ def mnist_path():
 
 
 @pytest.fixture
+def x64():
+    """64-bit JAX for one test only (``jax.enable_x64``), so float32 tests run as in production."""
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(0)
