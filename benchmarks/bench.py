@@ -57,12 +57,12 @@ def core_items(ctx: Context, repeats: int, torch_ok: bool) -> tuple[dict, dict]:
     """Timings and accuracy notes on ctx's network: Hvp, exact Hessian, eigh, top-10, trace, approximations."""
     prob, dim, hvp = ctx.problem, ctx.problem.dim, ctx.hvp
     key = jax.random.PRNGKey(ctx.options.seed)
-    v = np.random.default_rng(0).standard_normal(dim).astype(np.float32)
+    v = np.random.default_rng(0).standard_normal(dim).astype(ctx.dtype)
     t, notes = {}, {}
     log("Hvp")
     t["jax_hvp"] = measure(lambda: hvp(v), repeats=max(repeats, 20))
     log("exact Hessian")
-    build = dense_fn(operators.hvp(prob), dim, ctx.dtype, ctx.dense_columns)
+    build = dense_fn(operators.hvp(prob), ctx.dense_columns)
     t["jax_exact_hessian"] = measure(build, repeats)
     h = jnp.asarray(build())
     if ctx.arch.is_mlp:  # jax.hessian pushes all d tangents at once: d copies of every activation
@@ -78,7 +78,7 @@ def core_items(ctx: Context, repeats: int, torch_ok: bool) -> tuple[dict, dict]:
     lan = {}
 
     def run_lanczos(steps):
-        lan[steps] = jax.jit(lambda kk: algorithms.lanczos(hvp, dim, kk, k=k, num_steps=steps, dtype=ctx.dtype))
+        lan[steps] = jax.jit(lambda kk: algorithms.lanczos(hvp, kk, k=k, num_steps=steps))
         return np.asarray(lan[steps](key).eigenvalues), steps
 
     m = notes["lanczos_top10_matched"] = matched_accuracy(
@@ -87,8 +87,7 @@ def core_items(ctx: Context, repeats: int, torch_ok: bool) -> tuple[dict, dict]:
     pw = {}
 
     def run_power(tol):
-        pw[tol] = jax.jit(lambda kk: algorithms.power_iteration(hvp, dim, kk, k=k, max_iter=1000, tol=tol,
-                                                                dtype=ctx.dtype))
+        pw[tol] = jax.jit(lambda kk: algorithms.power_iteration(hvp, kk, k=k, max_iter=1000, tol=tol))
         r = pw[tol](key)
         return np.asarray(r.eigenvalues), int(r.matvecs)
 
@@ -96,7 +95,7 @@ def core_items(ctx: Context, repeats: int, torch_ok: bool) -> tuple[dict, dict]:
                                         "max_iter": 1000}
     t["power_top10_matched"] = measure(lambda: pw[m["setting"]](key), repeats)
     log("Hutchinson, 100 probes")
-    hut = jax.jit(lambda kk: algorithms.hutchinson(hvp, dim, kk, num_samples=100, dtype=ctx.dtype))
+    hut = jax.jit(lambda kk: algorithms.hutchinson(hvp, kk, num_samples=100))
     t["jax_hutchinson"] = measure(lambda: hut(key), repeats)
     log("approximations (JAX end to end, jitted)")
     for name, fn in APPROXIMATIONS.items():
@@ -181,14 +180,14 @@ def width_sweep(base: Options, widths, repeats: int, max_exact_dim: int, torch_o
         dim, hvp = ctx.problem.dim, ctx.hvp
         key = jax.random.PRNGKey(0)
         log(f"width {w}: {dim} parameters")
-        v = np.ones(dim, np.float32)
+        v = np.ones(dim, ctx.dtype)
         row = {"width": w, "num_params": dim, "jax_hvp": measure(lambda: hvp(v), repeats)}
-        lan = jax.jit(lambda kk: algorithms.lanczos(hvp, dim, kk, k=10, num_steps=40))
+        lan = jax.jit(lambda kk: algorithms.lanczos(hvp, kk, k=10, num_steps=40))
         row["jax_lanczos40"] = measure(lambda: lan(key), repeats)
         hut = jax.jit(lambda kk: algorithms.hutchinson(hvp, dim, kk, num_samples=100, dtype=ctx.dtype))
         row["jax_hutchinson100"] = measure(lambda: hut(key), repeats)
         if dim <= max_exact_dim:
-            row["jax_exact_hessian"] = measure(dense_fn(operators.hvp(ctx.problem), dim, ctx.dtype, ctx.dense_columns), 1)
+            row["jax_exact_hessian"] = measure(dense_fn(operators.hvp(ctx.problem), ctx.dense_columns), 1)
         if torch_ok:
             from benchmarks.methods_torch import twin
             from torch_ref import exact as texact

@@ -229,16 +229,18 @@ class Context:
                                  self.params, batches)
 
     @functools.cached_property
-    def hvp(self):
-        return jax.jit(operators.hvp(self.problem))
+    def hvp(self) -> operators.Operator:
+        """The Hessian Operator with a jitted matvec."""
+        return operators.hvp(self.problem).jit()
 
     @functools.cached_property
-    def ggn_vp(self):
-        return jax.jit(operators.ggn_vp(self.problem))
+    def ggn_vp(self) -> operators.Operator:
+        """The GGN Operator with a jitted matvec."""
+        return operators.ggn_vp(self.problem).jit()
 
-    def dense(self, matvec, what: str) -> tuple[np.ndarray, float]:
-        """(matrix, seconds) for the operator ``matvec``, with a progress bar."""
-        dim = self.problem.dim
+    def dense(self, op, what: str) -> tuple[np.ndarray, float]:
+        """(matrix, seconds) for the Operator ``op``, with a progress bar."""
+        dim = op.dim
         bar = progress_bar(dim, what)
         done = [0]
 
@@ -247,7 +249,7 @@ class Context:
             done[0] = n
 
         t0 = time.perf_counter()
-        m = dense(matvec, dim, self.dtype, chunk_size=self.dense_columns, progress=step)
+        m = dense(op, chunk_size=self.dense_columns, progress=step)
         bar.close()
         return m, time.perf_counter() - t0
 

@@ -108,8 +108,8 @@ def ggn(ctx):
 @method("power", "power iteration with deflation over Hvps (PyHessian's algorithm and stopping rule)", check_k)
 def power(ctx):
     o = ctx.options
-    res, secs = timed(algorithms.power_iteration, ctx.hvp, ctx.problem.dim, ctx.key("power"),
-                      k=o.k, max_iter=o.power_max_iter, tol=o.power_tol, dtype=ctx.dtype)
+    res, secs = timed(algorithms.power_iteration, ctx.hvp, ctx.key("power"),
+                      k=o.k, max_iter=o.power_max_iter, tol=o.power_tol)
     d = res.sorted().to_dict()
     return {"eigenvalues": d["eigenvalues"], "eigenvalues_found_order": res.to_dict()["eigenvalues"],
             "matvecs": d["matvecs"], "seconds": secs,
@@ -119,8 +119,8 @@ def power(ctx):
 @method("lanczos", "Lanczos with full reorthogonalization over Hvps: top-k Ritz values", check_lanczos)
 def lanczos(ctx):
     o = ctx.options
-    res, secs = timed(algorithms.lanczos, ctx.hvp, ctx.problem.dim, ctx.key("lanczos"),
-                      k=o.k, num_steps=o.lanczos_steps, dtype=ctx.dtype)
+    res, secs = timed(algorithms.lanczos, ctx.hvp, ctx.key("lanczos"),
+                      k=o.k, num_steps=o.lanczos_steps)
     d = res.to_dict()
     return {"eigenvalues": d["eigenvalues"], "residuals": d["residuals"], "matvecs": d["matvecs"],
             "seconds": secs}
@@ -129,8 +129,8 @@ def lanczos(ctx):
 @method("hutchinson", "Hutchinson's trace estimator with Rademacher probes over Hvps")
 def hutchinson(ctx):
     o = ctx.options
-    res, secs = timed(algorithms.hutchinson, ctx.hvp, ctx.problem.dim, ctx.key("hutchinson"),
-                      num_samples=o.hutchinson_samples, dtype=ctx.dtype)
+    res, secs = timed(algorithms.hutchinson, ctx.hvp, ctx.key("hutchinson"),
+                      num_samples=o.hutchinson_samples)
     d = res.to_dict()
     return {"trace": d["trace"], "stderr": d["stderr"], "matvecs": d["matvecs"], "seconds": secs,
             "running_mean": d["running_mean"], "running_stderr": d["running_stderr"]}
@@ -140,8 +140,8 @@ def hutchinson(ctx):
         check_slq)
 def slq(ctx):
     o = ctx.options
-    (nodes, weights), secs = timed(algorithms.slq, ctx.hvp, ctx.problem.dim, ctx.key("slq"),
-                                   num_steps=o.slq_steps, num_runs=o.slq_runs, dtype=ctx.dtype)
+    (nodes, weights), secs = timed(algorithms.slq, ctx.hvp, ctx.key("slq"),
+                                   num_steps=o.slq_steps, num_runs=o.slq_runs)
     return {**slq_entry(nodes, weights, ctx.problem.dim), "matvecs": o.slq_steps * o.slq_runs, "seconds": secs}
 
 

@@ -37,7 +37,7 @@ def hutchinson_sweep(ctx, max_samples: int = 1000, seeds: int = 10) -> dict:
     """
     grid = sweep_grid(max_samples)
     dim = ctx.problem.dim
-    run = jax.jit(lambda key: algorithms.hutchinson(ctx.hvp, dim, key, num_samples=max_samples).running_mean)
+    run = jax.jit(lambda key: algorithms.hutchinson(ctx.hvp, key, num_samples=max_samples).running_mean)
     t0 = time.perf_counter()
     bar = progress_bar(seeds, "Hutchinson sweep")
     means = []

@@ -1,4 +1,4 @@
-"""Dense matrices from matvecs (chunked vmap over identity columns), with a memory check first."""
+"""Dense matrices from Operators (chunked vmap over identity columns), with a memory check first."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import os
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from jax_impl.algorithms.operator import Operator, require_operator
 from jax_impl.errors import HessianApproxError
 
 
@@ -52,15 +52,17 @@ def check_fits(dim: int, dtype, chunk_size: int = 256, what: str = "dense matrix
         )
 
 
-def dense_fn(matvec: Callable, dim: int, dtype=jnp.float32, chunk_size: int = 256) -> Callable:
-    """A reusable ``build(progress=None) -> (dim, dim) numpy`` for the operator ``matvec``.
+def dense_fn(op: Operator, chunk_size: int = 256) -> Callable:
+    """A reusable ``build(progress=None) -> (dim, dim) numpy`` for the Operator ``op``.
 
     The vmapped, jitted chunk kernel is compiled once on the first call and reused
     by later calls (what repeated timings need); see ``dense`` for the arguments.
     """
+    op = require_operator(op, "dense_fn")
+    dim = op.dim
     chunk_size = max(1, min(int(chunk_size), dim))
-    batched = jax.jit(jax.vmap(matvec))
-    np_dtype = np.dtype(dtype)
+    batched = jax.jit(jax.vmap(op))
+    np_dtype = op.dtype
 
     def build(progress: Callable[[int], None] | None = None) -> np.ndarray:
         out = np.empty((dim, dim), dtype=np_dtype)
@@ -78,23 +80,22 @@ def dense_fn(matvec: Callable, dim: int, dtype=jnp.float32, chunk_size: int = 25
     return build
 
 
-def dense(matvec: Callable, dim: int, dtype=jnp.float32, chunk_size: int = 256,
+def dense(op: Operator, chunk_size: int = 256,
           progress: Callable[[int], None] | None = None, available: int | None = None) -> np.ndarray:
-    """Materialize the (dim, dim) matrix whose columns are ``matvec(e_j)``.
+    """Materialize the (dim, dim) matrix whose columns are ``op(e_j)``, in the operator's dtype.
 
     Columns are computed ``chunk_size`` at a time by a jitted vmap over identity
     columns; the last chunk is padded so there is one compilation. The memory
     needed is checked first (HessianApproxError naming the bytes when it will not fit).
 
     Args:
-      matvec: flat (dim,) -> (dim,) linear map.
-      dim: its dimension d.
-      dtype: dtype of the probes and the result.
+      op: an Operator (its dim d and dtype are the result's).
       chunk_size: columns per vmapped call (memory vs speed).
       progress: called with the number of columns finished after each chunk.
       available: bytes available (default: measured); for tests.
     Returns:
       numpy array (d, d), M[:, j] = matvec(e_j).
     """
-    check_fits(dim, dtype, max(1, min(int(chunk_size), dim)), available=available)
-    return dense_fn(matvec, dim, dtype, chunk_size)(progress)
+    op = require_operator(op, "dense")
+    check_fits(op.dim, op.dtype, max(1, min(int(chunk_size), op.dim)), available=available)
+    return dense_fn(op, chunk_size)(progress)

@@ -1,4 +1,4 @@
-"""Curvature matrix-vector products (Hessian, GGN, Fisher) averaged over a dataset in fixed-size chunks."""
+"""Curvature Operators (Hessian, GGN, Fisher) of a loss averaged over a dataset in fixed-size chunks."""
 
 from __future__ import annotations
 
@@ -10,85 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jax_impl.errors import HessianApproxError, check_finite
+from jax_impl.algorithms.operator import Operator, check_float_dtype
+from jax_impl.batches import Batches, batches_from_iterable, constrain, make_batches
+from jax_impl.errors import HessianApproxError
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Batches:
-    """A dataset cut into equal chunks, with per-sample weights.
-
-    The last chunk is padded with zero-weight copies of a real sample, so every
-    chunk has one shape (one compilation) and ``sum(w * ell)`` is the exact mean
-    over the real samples, whatever the remainder.
-
-    Attributes:
-      x: (num_chunks, chunk, *input_shape) inputs (any per-sample shape: (D,), (H, W, C), ...).
-      y: (num_chunks, chunk) integer labels.
-      w: (num_chunks, chunk) weights: 1/N for real samples, 0 for padding.
-      mesh: a 1-D device mesh whose axis splits each chunk's samples (static;
-        None for one device). Set by ``jax_impl.sharding.shard_batches``.
-    """
-
-    x: jax.Array
-    y: jax.Array
-    w: jax.Array
-    mesh: object = dataclasses.field(default=None, metadata=dict(static=True))
-
-    @property
-    def num_samples(self) -> int:
-        return int(np.count_nonzero(np.asarray(self.w)))
-
-
-def make_batches(x, y, chunk_size: int = 1000, multiple_of: int = 1, dtype=jnp.float32) -> Batches:
-    """Cut (x, y) into equal zero-padded chunks.
-
-    Args:
-      x: (N, *input_shape) inputs, e.g. (N, D) vectors or (N, H, W, C) images.
-      y: (N,) labels.
-      chunk_size: samples per chunk (capped at N, rounded up to ``multiple_of``).
-      multiple_of: chunk size granularity, e.g. the device count for sharding.
-      dtype: float dtype of x and w.
-    Returns:
-      Batches with ceil(N / chunk) chunks.
-    """
-    x = np.asarray(x)
-    y = np.asarray(y)
-    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
-        raise HessianApproxError(
-            f"data shapes x {x.shape} and y {y.shape} do not match",
-            "pass x as (N, ...) and y as (N,) with the same N",
-        )
-    if len(x) == 0:
-        raise HessianApproxError("the data subset is empty", "use --hessian-samples >= 1")
-    check_finite("the input data", x)
-    n = len(x)
-    chunk = min(int(chunk_size), n)
-    chunk = -(-chunk // multiple_of) * multiple_of
-    num_chunks = -(-n // chunk)
-    pad = num_chunks * chunk - n
-    idx = np.concatenate([np.arange(n), np.zeros(pad, dtype=np.int64)])
-    w = np.concatenate([np.full(n, 1.0 / n), np.zeros(pad)])
-    return Batches(
-        x=jnp.asarray(x[idx].reshape(num_chunks, chunk, *x.shape[1:]), dtype),
-        y=jnp.asarray(y[idx].reshape(num_chunks, chunk), jnp.int32),
-        w=jnp.asarray(w.reshape(num_chunks, chunk), dtype),
-    )
-
-
-def _constrain(chunk: Batches, mesh) -> Batches:
-    """Pin a chunk's sample axis to the mesh, so XLA splits per-sample work over devices.
-
-    Explicit, because data captured in a closure (as matvecs capture it) loses the
-    placement of the arrays it came from.
-    """
-    if mesh is None:
-        return chunk
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    axis = mesh.axis_names[0]
-    pin = lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(axis, *[None] * (a.ndim - 1))))
-    return Batches(pin(chunk.x), pin(chunk.y), pin(chunk.w))
+__all__ = ["Batches", "Problem", "batches_from_iterable", "empirical_fisher_vp", "fisher_mc_vp", "ggn_vp",
+           "gradient", "hvp", "live", "loss", "make_batches", "OPERATORS"]
 
 
 def live(tree):
@@ -105,7 +32,7 @@ def _chunk_sum(fn, batches: Batches, init):
     """sum_c fn(chunk_c) by lax.scan over the chunk axis."""
 
     def body(acc, chunk):
-        return jax.tree_util.tree_map(jnp.add, acc, fn(_constrain(Batches(*chunk), batches.mesh))), None
+        return jax.tree_util.tree_map(jnp.add, acc, fn(constrain(Batches(*chunk), batches.mesh))), None
 
     out, _ = jax.lax.scan(body, init, live((batches.x, batches.y, batches.w)))
     return out
@@ -117,9 +44,13 @@ class Problem:
 
     The total loss is L(θ) = Σ_n w_n ell(apply(θ, x_n), y_n) with Σ w_n = 1.
 
+    Every floating parameter, the floating inputs, float targets and weights share one
+    dtype, which is the dtype of every Operator built from the problem; a mix is a one-line
+    error at construction (never a silent cast), and so is float64 without 64-bit JAX.
+
     Attributes:
-      apply: ``apply(params, x (B, *input_shape)) -> logits (B, C)``.
-      ell: per-sample loss ``ell(logits (B, C), y (B,)) -> (B,)``.
+      apply: ``apply(params, x (B, ...)) -> outputs (B, C)``; x may be a pytree.
+      ell: per-sample loss ``ell(outputs (B, C), y (B, ...)) -> (B,)``.
       params: parameter pytree θ.
       batches: the data, as from make_batches.
     """
@@ -128,6 +59,24 @@ class Problem:
     ell: Callable
     params: object
     batches: Batches
+
+    def __post_init__(self):
+        dtype = params_dtype(self.params)
+        data = [("the sample weights", self.batches.w)]
+        data += [("the inputs", a) for a in jax.tree_util.tree_leaves(self.batches.x)
+                 if jnp.issubdtype(a.dtype, jnp.floating)]
+        if jnp.issubdtype(self.batches.y.dtype, jnp.floating):
+            data.append(("the targets", self.batches.y))
+        for what, a in data:
+            if a.dtype != dtype:
+                raise HessianApproxError(
+                    f"the parameters are {dtype.name} but {what} are {np.dtype(a.dtype).name}",
+                    f"build the data with make_batches(..., dtype={dtype.name}) (dtypes are never mixed silently)")
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The one floating dtype of parameters and data."""
+        return np.dtype(self.flat_params.dtype)
 
     @property
     def flat_params(self) -> jax.Array:
@@ -147,6 +96,25 @@ class Problem:
         return jnp.sum(chunk.w * self.ell(logits, chunk.y))
 
 
+def params_dtype(params) -> np.dtype:
+    """The floating dtype shared by every floating leaf of ``params``, else a one-line error."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not leaves:
+        raise HessianApproxError("the parameter tree is empty", "pass the model's parameters")
+    found = {}
+    for path, leaf in leaves:
+        dt = np.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype)
+        if dt.kind != "f":
+            raise HessianApproxError(f"parameter {jax.tree_util.keystr(path)} has dtype {dt.name}",
+                                     "pass floating-point parameters (float32 or float64)")
+        found.setdefault(dt, jax.tree_util.keystr(path))
+    if len(found) > 1:
+        (a, pa), (b, pb) = list(found.items())[:2]
+        raise HessianApproxError(f"the parameters mix dtypes: {pa} is {a.name} and {pb} is {b.name}",
+                                 "cast every parameter to one dtype (float32, or float64 for references)")
+    return check_float_dtype(next(iter(found)), "the parameters")
+
+
 def loss(problem: Problem):
     """The total loss L(θ) (a scalar)."""
     flat = problem.flat_params
@@ -160,8 +128,8 @@ def gradient(problem: Problem):
     return _chunk_sum(lambda c: g(flat, c), problem.batches, jnp.zeros_like(flat))
 
 
-def hvp(problem: Problem) -> Callable:
-    """Hessian-vector product v (d,) -> H v (d,), forward-over-reverse (jvp of grad).
+def hvp(problem: Problem) -> Operator:
+    """The Hessian as an Operator: v (d,) -> H v (d,), forward-over-reverse (jvp of grad); indefinite.
 
     Reference: Pearlmutter (1994), "Fast exact multiplication by the Hessian".
     """
@@ -169,19 +137,26 @@ def hvp(problem: Problem) -> Callable:
     g = jax.grad(problem.chunk_loss)
 
     def matvec(v):
-        v = jnp.asarray(v, flat.dtype)
         p0 = live(flat)
         one = lambda c: jax.jvp(lambda p: g(p, c), (p0,), (v,))[1]
         return _chunk_sum(one, problem.batches, jnp.zeros_like(v))
 
-    return matvec
+    return Operator(matvec, problem.dim, problem.dtype, psd=False, name="hessian")
 
 
-def ggn_vp(problem: Problem) -> Callable:
-    """Generalized Gauss-Newton product v -> Jᵀ H_ell J v (d,) -> (d,).
+def _convex_output_loss(problem: Problem) -> bool:
+    """Whether the per-sample loss is one of the built-in losses, convex in the outputs."""
+    from jax_impl import losses
+
+    return any(problem.ell is f for f in losses.LOSSES.values())
+
+
+def ggn_vp(problem: Problem) -> Operator:
+    """The generalized Gauss-Newton matrix as an Operator: v -> Jᵀ H_ell J v (d,) -> (d,).
 
     J is the Jacobian of the logits w.r.t. θ, H_ell the Hessian of the weighted
-    output loss w.r.t. the logits (Schraudolph 2002; Martens 2014).
+    output loss w.r.t. the logits (Schraudolph 2002; Martens 2014). Flagged PSD for the
+    built-in losses (convex in the outputs); a user loss may not be convex, so not flagged.
     """
     flat = problem.flat_params
 
@@ -194,10 +169,9 @@ def ggn_vp(problem: Problem) -> Callable:
         return jax.vjp(f, p0)[1](hjv)[0]
 
     def matvec(v):
-        v = jnp.asarray(v, flat.dtype)
         return _chunk_sum(lambda c: one(c, v), problem.batches, jnp.zeros_like(v))
 
-    return matvec
+    return Operator(matvec, problem.dim, problem.dtype, psd=_convex_output_loss(problem), name="ggn")
 
 
 def _outer_vp(problem: Problem, residuals: Callable) -> Callable:
@@ -214,14 +188,13 @@ def _outer_vp(problem: Problem, residuals: Callable) -> Callable:
         return jax.vjp(f, p0)[1](c.w[:, None] * coeff)[0]
 
     def matvec(v, key=jax.random.PRNGKey(0)):
-        v = jnp.asarray(v, flat.dtype)
-        keys = jax.random.split(key, problem.batches.x.shape[0])
+        keys = jax.random.split(key, problem.batches.w.shape[0])
 
         b = problem.batches
 
         def body(acc, xs):
             x, y, w, k = xs
-            return acc + one(_constrain(Batches(x, y, w), b.mesh), v, k), None
+            return acc + one(constrain(Batches(x, y, w), b.mesh), v, k), None
 
         out, _ = jax.lax.scan(body, jnp.zeros_like(v), (*live((b.x, b.y, b.w)), keys))
         return out
@@ -229,14 +202,14 @@ def _outer_vp(problem: Problem, residuals: Callable) -> Callable:
     return matvec
 
 
-def empirical_fisher_vp(problem: Problem) -> Callable:
-    """Empirical Fisher product v -> Σ_n w_n g_n g_nᵀ v, g_n the per-sample loss gradient."""
+def empirical_fisher_vp(problem: Problem) -> Operator:
+    """The empirical Fisher as an Operator: v -> Σ_n w_n g_n g_nᵀ v, g_n the per-sample loss gradient; PSD."""
     grad_ell = jax.grad(lambda z, y: jnp.sum(problem.ell(z, y)))
     mv = _outer_vp(problem, lambda z, c, key: grad_ell(z, c.y))
-    return lambda v: mv(v)
+    return Operator(lambda v: mv(v), problem.dim, problem.dtype, psd=True, name="empirical_fisher")
 
 
-def fisher_mc_vp(problem: Problem, key: jax.Array, mc_samples: int = 1) -> Callable:
+def fisher_mc_vp(problem: Problem, key: jax.Array, mc_samples: int = 1) -> Operator:
     """Monte-Carlo Fisher product for cross-entropy: labels drawn from softmax(logits).
 
     Each matvec uses the same draws (fixed by ``key``), so the operator is a fixed
@@ -254,7 +227,7 @@ def fisher_mc_vp(problem: Problem, key: jax.Array, mc_samples: int = 1) -> Calla
         return jax.vmap(lambda y: grad_ell(z, y))(ys)
 
     mv = _outer_vp(problem, residuals)
-    return lambda v: mv(v, key)
+    return Operator(lambda v: mv(v, key), problem.dim, problem.dtype, psd=True, name="fisher_mc")
 
 
 OPERATORS = {"hessian": hvp, "ggn": ggn_vp, "empirical_fisher": empirical_fisher_vp}

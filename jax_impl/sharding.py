@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jax_impl.operators import Batches, make_batches
+from jax_impl.batches import Batches, make_batches
 
 AXIS = "samples"
 
@@ -28,19 +28,21 @@ def shard_batches(batches: Batches, mesh: Mesh) -> Batches:
     ``multiple_of=mesh.size`` guarantees it). Under jit, XLA then computes each
     chunk's per-sample work on its own device and sums the results across devices.
     """
-    if batches.x.shape[1] % mesh.size:
-        raise ValueError(f"chunk size {batches.x.shape[1]} is not a multiple of {mesh.size} devices")
-    x_sh = NamedSharding(mesh, P(None, AXIS, *[None] * (batches.x.ndim - 2)))
-    s_sh = NamedSharding(mesh, P(None, AXIS))
+    if batches.w.shape[1] % mesh.size:
+        raise ValueError(f"chunk size {batches.w.shape[1]} is not a multiple of {mesh.size} devices")
+    place = lambda a: jax.device_put(a, NamedSharding(mesh, P(None, AXIS, *[None] * (a.ndim - 2))))
     return Batches(
-        x=jax.device_put(batches.x, x_sh),
-        y=jax.device_put(batches.y, s_sh),
-        w=jax.device_put(batches.w, s_sh),
+        x=jax.tree_util.tree_map(place, batches.x),
+        y=place(batches.y),
+        w=place(batches.w),
         mesh=mesh if mesh.size > 1 else None,
     )
 
 
 def sharded_batches(x, y, chunk_size: int = 1000, dtype=np.float32, mesh: Mesh | None = None) -> Batches:
-    """make_batches + shard_batches over all local devices (one device: no-op placement)."""
+    """make_batches + shard_batches over all local devices (one device: no-op placement).
+
+    ``dtype`` must be the parameters' dtype (``operators.Problem`` refuses a mix).
+    """
     mesh = sample_mesh() if mesh is None else mesh
     return shard_batches(make_batches(x, y, chunk_size, multiple_of=mesh.size, dtype=dtype), mesh)

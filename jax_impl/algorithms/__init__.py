@@ -1,7 +1,8 @@
-"""Matrix-free algorithms on a flat ``matvec``: power iteration, Lanczos, Hutchinson, SLQ, dense eigh."""
+"""Matrix-free algorithms on an Operator: power iteration, Lanczos, Hutchinson, SLQ, dense eigh."""
 
 from jax_impl.algorithms.dense import eigh_descending, eigvalsh_descending
 from jax_impl.algorithms.hutchinson import hutchinson, rademacher_probe, trace_pyhessian
+from jax_impl.algorithms.operator import Operator, as_operator
 from jax_impl.algorithms.lanczos import default_num_steps, lanczos, lanczos_tridiag, tridiagonal
 from jax_impl.algorithms.power import power_iteration, pyhessian_normalize
 from jax_impl.algorithms.results import EigResult, TraceResult
@@ -9,7 +10,9 @@ from jax_impl.algorithms.slq import slq, spectral_density
 
 __all__ = [
     "EigResult",
+    "Operator",
     "TraceResult",
+    "as_operator",
     "default_num_steps",
     "eigh_descending",
     "eigvalsh_descending",

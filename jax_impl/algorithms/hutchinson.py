@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
+from jax_impl.algorithms.operator import Operator, require_operator
 from jax_impl.algorithms.results import TraceResult
 from jax_impl.errors import HessianApproxError
-
-Matvec = Callable[[jax.Array], jax.Array]
 
 
 def rademacher_probe(key: jax.Array, index, dim: int, dtype=jnp.float32) -> jax.Array:
@@ -48,37 +45,26 @@ def _running_stats(estimates: jax.Array):
     return mean, stderr
 
 
-def _check_dim(dim: int) -> int:
-    dim = int(dim)
-    if dim < 1:
-        raise HessianApproxError(f"dim={dim} is not positive", "pass the operator dimension")
-    return dim
-
-
 def hutchinson(
-    matvec: Matvec,
-    dim: int,
+    op: Operator,
     key: jax.Array,
     num_samples: int = 100,
     batch_size: int = 32,
-    dtype=jnp.float32,
 ) -> TraceResult:
     """Hutchinson's estimate ``tr(A) ~ mean_i v_i^T A v_i`` with Rademacher ``v_i``.
 
-    Probe ``i`` is :func:`rademacher_probe` ``(key, i, dim, dtype)``. Probes are
-    generated and pushed through ``jax.vmap(matvec)`` in batches of
+    Probe ``i`` is :func:`rademacher_probe` ``(key, i, op.dim, op.dtype)``. Probes are
+    generated and pushed through ``jax.vmap(op)`` in batches of
     ``batch_size`` (``lax.map``; a remainder batch is handled separately), so
     memory is ``O(batch_size * dim)`` and the estimates do not depend on
     ``batch_size``. Each estimate is unbiased with variance
     ``2 (||A||_F^2 - sum_i A_ii^2)``.
 
     Args:
-      matvec: symmetric operator ``(dim,) -> (dim,)``, vmappable.
-      dim: operator dimension.
+      op: symmetric :class:`Operator` (vmappable); probes take its dtype.
       key: PRNG key.
       num_samples: number of probes = matvecs, ``>= 1``.
       batch_size: probes per vmapped batch, ``>= 1``.
-      dtype: probe dtype (float64 needs ``jax_enable_x64``).
 
     Returns:
       :class:`TraceResult` with ``estimates`` ``(num_samples,)``,
@@ -93,7 +79,8 @@ def hutchinson(
       Hutchinson, "A stochastic estimator of the trace of the influence matrix
       for Laplacian smoothing splines", 1990; Avron & Toledo, JACM 2011.
     """
-    dim = _check_dim(dim)
+    op = require_operator(op, "hutchinson")
+    dim, dtype = op.dim, op.dtype
     num_samples, batch_size = int(num_samples), int(batch_size)
     if num_samples < 1:
         raise HessianApproxError(f"num_samples={num_samples} is below 1", "use num_samples >= 1")
@@ -102,7 +89,7 @@ def hutchinson(
 
     def estimate(i):
         v = rademacher_probe(key, i, dim, dtype)
-        return jnp.vdot(v, matvec(v).astype(dtype))
+        return jnp.vdot(v, op(v))
 
     estimates = jax.lax.map(
         estimate, jnp.arange(num_samples, dtype=jnp.int32), batch_size=min(batch_size, num_samples)
@@ -119,17 +106,15 @@ def hutchinson(
 
 
 def trace_pyhessian(
-    matvec: Matvec,
-    dim: int,
+    op: Operator,
     key: jax.Array,
     max_iter: int = 100,
     tol: float = 1e-3,
-    dtype=jnp.float32,
 ) -> TraceResult:
     """PyHessian's ``trace(maxIter=max_iter, tol=tol)``: Hutchinson with its stopping rule.
 
     With ``trace = 0`` initially, for ``i = 0, ..., max_iter - 1``: draw probe
-    ``v_i`` (:func:`rademacher_probe` ``(key, i, dim, dtype)``, the same probes as
+    ``v_i`` (:func:`rademacher_probe` ``(key, i, op.dim, op.dtype)``, the same probes as
     :func:`hutchinson`), append ``v_i^T A v_i``, let ``m`` be the mean so far;
     stop if ``|m - trace| / (trace + 1e-6) < tol``, else ``trace = m``.
 
@@ -139,15 +124,13 @@ def trace_pyhessian(
     against 0, so it never stops there unless ``|v_0^T A v_0| < 1e-6 tol``. Like
     PyHessian's caller, the returned ``trace`` is the mean of all estimates
     used (including the last one). Implemented with ``lax.while_loop``;
-    jittable with ``matvec``, ``dim``, ``max_iter`` and ``dtype`` static.
+    jittable with ``op`` and ``max_iter`` static.
 
     Args:
-      matvec: symmetric operator ``(dim,) -> (dim,)``.
-      dim: operator dimension.
+      op: symmetric :class:`Operator`; probes take its dtype.
       key: PRNG key.
       max_iter: most probes (PyHessian's ``maxIter``), ``>= 1``.
       tol: relative tolerance between consecutive running means.
-      dtype: probe dtype.
 
     Returns:
       :class:`TraceResult` whose arrays have length ``max_iter``; the first
@@ -162,7 +145,8 @@ def trace_pyhessian(
       Yao et al., "PyHessian: Neural Networks Through the Lens of the Hessian",
       2020, ``hessian.trace``.
     """
-    dim = _check_dim(dim)
+    op = require_operator(op, "trace_pyhessian")
+    dim, dtype = op.dim, op.dtype
     max_iter = int(max_iter)
     if max_iter < 1:
         raise HessianApproxError(f"max_iter={max_iter} is below 1", "use max_iter >= 1")
@@ -176,7 +160,7 @@ def trace_pyhessian(
     def body(state):
         i, estimates, total, trace, _ = state
         v = rademacher_probe(key, i, dim, dtype)
-        est = jnp.vdot(v, matvec(v).astype(dtype))
+        est = jnp.vdot(v, op(v))
         estimates = estimates.at[i].set(est)
         total = total + est
         mean = total / (i + 1).astype(dtype)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
+from jax_impl.algorithms.operator import Operator, check_start, require_operator
 from jax_impl.algorithms.results import EigResult
 from jax_impl.errors import HessianApproxError
-
-Matvec = Callable[[jax.Array], jax.Array]
 
 
 def _reorthogonalize(w: jax.Array, basis: jax.Array) -> jax.Array:
@@ -28,7 +27,7 @@ def _reorthogonalize(w: jax.Array, basis: jax.Array) -> jax.Array:
 
 
 def lanczos_tridiag(
-    matvec: Matvec,
+    op: Operator,
     v0: jax.Array,
     num_steps: int,
     *,
@@ -56,9 +55,8 @@ def lanczos_tridiag(
     ``num_steps`` static.
 
     Args:
-      matvec: symmetric operator ``(dim,) -> (dim,)``; its output is cast to
-        ``v0.dtype``.
-      v0: ``(dim,)`` nonzero start vector (normalized here, exactly).
+      op: symmetric :class:`Operator` of dimension ``dim``.
+      v0: ``(dim,)`` nonzero start vector of the operator's dtype (normalized here, exactly).
       num_steps: ``m``, the number of matvecs, ``1 <= m <= dim``.
       key: PRNG key for breakdown restarts; default ``jax.random.PRNGKey(0)``.
       breakdown_tol: relative breakdown threshold; default
@@ -76,16 +74,16 @@ def lanczos_tridiag(
       (used for Ritz residuals).
 
     Raises:
-      HessianApproxError: ``num_steps`` not in ``[1, dim]`` or ``v0`` not a vector.
+      HessianApproxError: ``num_steps`` not in ``[1, dim]`` or ``v0`` not a (dim,) vector of
+        the operator's dtype.
 
     References:
       Lanczos, 1950; Golub & Van Loan, "Matrix Computations", 4th ed., sec. 10.1;
       Parlett, "The Symmetric Eigenvalue Problem", 1998 (reorthogonalization).
     """
-    v0 = jnp.asarray(v0)
-    if v0.ndim != 1:
-        raise HessianApproxError(f"v0 has shape {v0.shape}, not a vector", "pass a flat (dim,) start vector")
-    dim = v0.shape[0]
+    op = require_operator(op, "lanczos_tridiag")
+    dim = op.dim
+    v0 = check_start(op, v0, (dim,))
     num_steps = int(num_steps)
     if not 1 <= num_steps <= dim:
         raise HessianApproxError(
@@ -106,7 +104,7 @@ def lanczos_tridiag(
         basis, alphas, betas, scale = state
         v = basis[i]
         beta_prev = jnp.where(i > 0, betas[i - 1], 0).astype(dtype)
-        av = matvec(v).astype(dtype)
+        av = op(v)
         alpha = jnp.vdot(v, av)
         w = av - alpha * v - beta_prev * basis[i - 1]  # basis[-1] is 0 or unused at i == 0
         w = _reorthogonalize(w, basis)
@@ -147,13 +145,11 @@ def default_num_steps(dim: int, k: int) -> int:
 
 
 def lanczos(
-    matvec: Matvec,
-    dim: int,
+    op: Operator,
     key: Optional[jax.Array],
     k: int = 10,
     num_steps: Optional[int] = None,
     v0: Optional[jax.Array] = None,
-    dtype=None,
 ) -> EigResult:
     """Top-``k`` (largest algebraic) Ritz pairs from one unrestarted Lanczos run.
 
@@ -172,15 +168,13 @@ def lanczos(
     ``40 x dim`` basis memory.
 
     Args:
-      matvec: symmetric operator ``(dim,) -> (dim,)``.
-      dim: operator dimension.
+      op: symmetric :class:`Operator`; its ``dim`` and ``dtype`` are the iterates'.
       key: PRNG key: start vector ``normal(split(key)[0], (dim,))`` unless ``v0``
         is given; ``split(key)[1]`` seeds breakdown restarts. May be None with
         ``v0`` (restarts then use ``PRNGKey(0)``).
       k: number of Ritz pairs, ``1 <= k <= dim``.
       num_steps: Lanczos steps = matvecs, ``k <= num_steps <= dim``.
-      v0: optional ``(dim,)`` start vector.
-      dtype: None means ``v0.dtype`` if given, else float32.
+      v0: optional ``(dim,)`` start vector of the operator's dtype.
 
     Returns:
       :class:`EigResult` with ``eigenvalues`` ``(k,)`` descending,
@@ -198,7 +192,8 @@ def lanczos(
       Ghorbani, Krishnan, Xiao, "An Investigation into Neural Net Optimization
       via Hessian Eigenvalue Density", ICML 2019.
     """
-    dim, k = int(dim), int(k)
+    op = require_operator(op, "lanczos")
+    dim, k = op.dim, int(k)
     if not 1 <= k <= dim:
         raise HessianApproxError(
             f"k={k} Ritz pairs requested from a {dim}-dimensional operator",
@@ -219,16 +214,13 @@ def lanczos(
         if key is None:
             raise HessianApproxError("neither key nor v0 given", "pass a PRNG key or a start vector v0")
         start_key, restart_key = jax.random.split(key)
-        v0 = jax.random.normal(start_key, (dim,), jnp.float32 if dtype is None else dtype)
+        v0 = jax.random.normal(start_key, (dim,), op.dtype)
     else:
-        v0 = jnp.asarray(v0)
-        if v0.shape != (dim,):
-            raise HessianApproxError(f"v0 has shape {v0.shape}, expected ({dim},)", "pass a flat start vector")
+        v0 = check_start(op, v0, (dim,))
         if key is not None:
             restart_key = jax.random.split(key)[1]
-        v0 = v0.astype(v0.dtype if dtype is None else dtype)
 
-    basis, alphas, betas = lanczos_tridiag(matvec, v0, num_steps, key=restart_key)
+    basis, alphas, betas = lanczos_tridiag(op, v0, num_steps, key=restart_key)
     theta, s = jnp.linalg.eigh(tridiagonal(alphas, betas))
     top = jnp.arange(num_steps - 1, num_steps - 1 - k, -1)
     theta, s = theta[top], s[:, top]

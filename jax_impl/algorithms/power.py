@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
+from jax_impl.algorithms.operator import Operator, check_start, require_operator
 from jax_impl.algorithms.results import EigResult
 from jax_impl.errors import HessianApproxError
-
-Matvec = Callable[[jax.Array], jax.Array]
 
 # PyHessian's ``normalization`` divides by ``||v|| + 1e-6``; its stopping rule
 # divides by ``|eig| + 1e-6``. Both constants are part of the algorithm.
@@ -52,14 +51,12 @@ def _orthonormalize(w: jax.Array, basis: jax.Array, count: jax.Array) -> jax.Arr
 
 
 def power_iteration(
-    matvec: Matvec,
-    dim: int,
+    op: Operator,
     key: Optional[jax.Array],
     k: int = 1,
     max_iter: int = 100,
     tol: float = 1e-3,
     v0: Optional[jax.Array] = None,
-    dtype=None,
 ) -> EigResult:
     """Top-``k`` eigenpairs by power iteration with deflation, exactly as PyHessian.
 
@@ -89,13 +86,10 @@ def power_iteration(
     ``result.sorted()`` for descending order.
 
     The whole computation is one ``lax.scan`` over pairs of ``lax.while_loop``
-    iterations, so it can be jitted with ``matvec``, ``dim``, ``k``,
-    ``max_iter`` and ``dtype`` static.
+    iterations, so it can be jitted with ``op``, ``k`` and ``max_iter`` static.
 
     Args:
-      matvec: symmetric linear operator, ``(dim,) -> (dim,)``; its output is cast
-        to the iterate dtype.
-      dim: operator dimension.
+      op: symmetric :class:`Operator`; its ``dim`` and ``dtype`` are the iterates'.
       key: PRNG key for the start vectors (unused, may be None, when ``v0`` is
         given). Start vector ``i`` is ``jax.random.normal(split(key, k)[i],
         (dim,))``.
@@ -103,9 +97,7 @@ def power_iteration(
       max_iter: iterations per eigenpair (PyHessian's ``maxIter``), ``>= 1``.
       tol: relative tolerance between consecutive Rayleigh quotients.
       v0: optional ``(k, dim)`` (or ``(dim,)`` when ``k == 1``) start vectors,
-        unnormalized (PyHessian draws them with ``torch.randn``).
-      dtype: iterate dtype; None means ``v0.dtype`` when ``v0`` is given, else
-        float32. float64 needs ``jax_enable_x64``.
+        unnormalized (PyHessian draws them with ``torch.randn``), of the operator's dtype.
 
     Returns:
       :class:`EigResult` with
@@ -129,9 +121,8 @@ def power_iteration(
       Yao, Gholami, Keutzer, Mahoney, "PyHessian: Neural Networks Through the
       Lens of the Hessian", 2020 (https://github.com/amirgholami/PyHessian).
     """
-    dim, k, max_iter = int(dim), int(k), int(max_iter)
-    if dim < 1:
-        raise HessianApproxError(f"dim={dim} is not positive", "pass the operator dimension")
+    op = require_operator(op, "power_iteration")
+    dim, k, max_iter, dtype = op.dim, int(k), int(max_iter), op.dtype
     if not 1 <= k <= dim:
         raise HessianApproxError(
             f"k={k} eigenpairs requested from a {dim}-dimensional operator",
@@ -143,19 +134,12 @@ def power_iteration(
     if v0 is None:
         if key is None:
             raise HessianApproxError("neither key nor v0 given", "pass a PRNG key or start vectors v0")
-        dtype = jnp.float32 if dtype is None else dtype
         v0 = jax.vmap(lambda kk: jax.random.normal(kk, (dim,), dtype))(jax.random.split(key, k))
     else:
         v0 = jnp.asarray(v0)
         if v0.shape == (dim,) and k == 1:
             v0 = v0[None]
-        if v0.shape != (k, dim):
-            raise HessianApproxError(
-                f"v0 has shape {v0.shape}, expected ({k}, {dim})",
-                "pass one start vector per eigenpair as a (k, dim) array",
-            )
-        dtype = v0.dtype if dtype is None else dtype
-        v0 = v0.astype(dtype)
+        v0 = check_start(op, v0, (k, dim))
 
     tol = jnp.asarray(tol, dtype)
 
@@ -169,7 +153,7 @@ def power_iteration(
         def body(state):
             it, v, eig, _, _ = state
             u = _orthonormalize(v, found, i)
-            hu = matvec(u).astype(dtype)
+            hu = op(u)
             rho = jnp.sum(hu * u)
             v_new = pyhessian_normalize(hu)
             stop = (it > 0) & (jnp.abs(eig - rho) / (jnp.abs(eig) + _PYHESSIAN_EPS) < tol)

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
 
 from jax_impl.algorithms.hutchinson import rademacher_probe
 from jax_impl.algorithms.lanczos import lanczos_tridiag, tridiagonal
+from jax_impl.algorithms.operator import Operator, require_operator
 from jax_impl.errors import HessianApproxError
-
-Matvec = Callable[[jax.Array], jax.Array]
 
 
 def slq(
-    matvec: Matvec,
-    dim: int,
+    op: Operator,
     key: jax.Array,
     num_steps: int = 100,
     num_runs: int = 1,
-    dtype=jnp.float32,
 ) -> Tuple[jax.Array, jax.Array]:
     """Gauss quadrature nodes and weights of the spectral density, per run.
 
@@ -39,18 +36,15 @@ def slq(
     unsorted; ``torch.eig`` no longer exists in current PyTorch).
 
     The start vector of run ``r`` is :func:`rademacher_probe`
-    ``(jax.random.split(key)[0], r, dim, dtype)``; breakdown restarts use keys
+    ``(jax.random.split(key)[0], r, op.dim, op.dtype)``; breakdown restarts use keys
     from ``jax.random.split(key)[1]``. Runs are sequential (``lax.map``).
-    Jittable with ``matvec``, ``dim``, ``num_steps``, ``num_runs``, ``dtype``
-    static.
+    Jittable with ``op``, ``num_steps`` and ``num_runs`` static.
 
     Args:
-      matvec: symmetric operator ``(dim,) -> (dim,)``.
-      dim: operator dimension.
+      op: symmetric :class:`Operator`; its dtype is the computation's.
       key: PRNG key.
       num_steps: Lanczos steps per run (PyHessian's ``iter``), ``<= dim``.
       num_runs: independent runs (PyHessian's ``n_v``).
-      dtype: probe and computation dtype.
 
     Returns:
       ``(nodes, weights)``, each ``(num_runs, num_steps)``; nodes ascending
@@ -63,9 +57,8 @@ def slq(
       Golub & Meurant, "Matrices, Moments and Quadrature with Applications",
       2010; Ghorbani, Krishnan, Xiao, ICML 2019; Yao et al., PyHessian, 2020.
     """
-    dim, num_steps, num_runs = int(dim), int(num_steps), int(num_runs)
-    if dim < 1:
-        raise HessianApproxError(f"dim={dim} is not positive", "pass the operator dimension")
+    op = require_operator(op, "slq")
+    dim, dtype, num_steps, num_runs = op.dim, op.dtype, int(num_steps), int(num_runs)
     if not 1 <= num_steps <= dim:
         raise HessianApproxError(
             f"num_steps={num_steps} Lanczos steps for a {dim}-dimensional operator",
@@ -78,7 +71,7 @@ def slq(
     def one_run(r):
         v0 = rademacher_probe(probe_key, r, dim, dtype)
         _, alphas, betas = lanczos_tridiag(
-            matvec, v0, num_steps, key=jax.random.fold_in(restart_key, r)
+            op, v0, num_steps, key=jax.random.fold_in(restart_key, r)
         )
         theta, s = jnp.linalg.eigh(tridiagonal(alphas, betas))
         return theta, s[0, :] ** 2

@@ -11,7 +11,8 @@ from hessian_approx.architecture import Architecture
 from jax_impl import losses as losses_mod
 from jax_impl.approx.rules import RULES, Node, nodes
 from jax_impl.errors import HessianApproxError
-from jax_impl.operators import Batches, Problem, _constrain
+from jax_impl.batches import Batches, constrain
+from jax_impl.operators import Problem
 
 METHODS = ("diag-ggn", "diag-ggn-mc", "diag-h", "kfac", "kflr", "kfra")
 SUPPORTED_LOSSES = ("cross_entropy", "mse")
@@ -196,7 +197,7 @@ def scan_chunks(fn, batches: Batches, init, key=None):
 
     def body(acc, xs):
         x, y, w, k = xs
-        out = fn(_constrain(Batches(x, y, w), batches.mesh), k if key is not None else None)
+        out = fn(constrain(Batches(x, y, w), batches.mesh), k if key is not None else None)
         return jax.tree_util.tree_map(jnp.add, acc, out), None
 
     out, _ = jax.lax.scan(body, init, (batches.x, batches.y, batches.w, keys))

@@ -48,7 +48,7 @@ def test_jax_power_iteration_follows_pyhessian_iterates():
     ph = pyhessian_runner.top_eigenvalues(model, x, y, "cross_entropy", k=3, max_iter=50, tol=1e-4,
                                           start_vectors=starts_torch)
     v0 = jnp.asarray(np.stack([permutation.to_jax_vector(s, ctx.arch) for s in starts_torch]))
-    res = algorithms.power_iteration(ctx.hvp, d, jax.random.PRNGKey(0), k=3, max_iter=50, tol=1e-4, v0=v0)
+    res = algorithms.power_iteration(ctx.hvp, jax.random.PRNGKey(0), k=3, max_iter=50, tol=1e-4, v0=v0)
     # same start, same arithmetic up to summation order: the iterates coincide to ~1e-12
     np.testing.assert_allclose(np.asarray(res.eigenvalues), ph["eigenvalues"], rtol=1e-10)
     assert int(res.matvecs) == ph["matvecs"]

@@ -84,7 +84,7 @@ def exact(c: Case, which: str) -> np.ndarray:
     """The dense (d, d) GGN ("ggn") or Hessian ("hessian") of a case, JAX flat order."""
     prob = twin(c)[1]
     mv = operators.ggn_vp(prob) if which == "ggn" else operators.hvp(prob)
-    return materialize.dense(mv, prob.dim, jnp.float64)
+    return materialize.dense(mv)
 
 
 def backpack(c: Case, method: str, **kw):

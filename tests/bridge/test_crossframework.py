@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 from bridge import permutation  # noqa: E402
 from bridge.convert import load_into_torch  # noqa: E402
 from jax_impl import losses, models  # noqa: E402
-from jax_impl.algorithms import power_iteration  # noqa: E402
+from jax_impl.algorithms import as_operator, power_iteration  # noqa: E402
 from tests import cases  # noqa: E402
 from tests.torch_ref.conftest import one_torch_thread  # noqa: E402,F401  (autouse: one torch thread)
 from torch_ref import exact  # noqa: E402
@@ -137,9 +137,9 @@ def test_pyhessian_on_cnn_twin_follows_jax_power_iteration(c):
     ph = pyhessian_runner.top_eigenvalues(model, x, y, c.loss, k=k, max_iter=max_iter, tol=0.0,
                                           start_vectors=starts_torch)
     x_, y_ = jnp.asarray(x), jnp.asarray(y)
-    hvp = lambda v: jax.jvp(jax.grad(lambda t: loss(t, x_, y_)), (theta0,), (v,))[1]
+    hvp = as_operator(lambda v: jax.jvp(jax.grad(lambda t: loss(t, x_, y_)), (theta0,), (v,))[1], dim=d)
     v0 = jnp.asarray(permutation.to_jax_vector(starts_torch.T, c.arch).T)
-    res = power_iteration(hvp, d, None, k=k, max_iter=max_iter, tol=0.0, v0=v0)
+    res = power_iteration(hvp, None, k=k, max_iter=max_iter, tol=0.0, v0=v0)
     assert ph["iterations"] == [max_iter] * k and list(np.asarray(res.matvecs_per_pair)) == [max_iter] * k
     assert_close(ph["eigenvalues"], res.eigenvalues, "eigenvalues")
     assert_close(permutation.to_jax_vector(ph["eigenvectors"].T, c.arch).T, res.eigenvectors, "eigenvectors")

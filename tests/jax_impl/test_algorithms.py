@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jax_impl.algorithms import (
+    as_operator,
     EigResult,
     TraceResult,
     eigh_descending,
@@ -43,8 +44,8 @@ def sym_matrix(eigenvalues, seed=0):
 
 
 def as_matvec(a):
-    aj = jnp.asarray(a, dtype=jnp.float64)
-    return lambda v: aj @ v
+    """The float64 Operator of the dense matrix ``a``."""
+    return as_operator(jnp.asarray(a))
 
 
 def decaying_spectrum(dim=300):
@@ -78,7 +79,7 @@ def test_lanczos_top10_matches_eigh():
     lam = decaying_spectrum(300)
     a, q = sym_matrix(lam, seed=0)
     ref = np.linalg.eigh(a)[0][::-1][:10]
-    res = lanczos(as_matvec(a), 300, KEY, k=10, dtype=jnp.float64)
+    res = lanczos(as_matvec(a), KEY, k=10)
     assert isinstance(res, EigResult)
     assert res.eigenvalues.dtype == jnp.float64 and res.eigenvectors.shape == (10, 300)
     assert int(res.matvecs) == 40  # default min(dim, max(3k, 40))
@@ -96,7 +97,7 @@ def test_lanczos_top10_matches_eigh():
 def test_lanczos_negative_spectrum_and_from_inside():
     a, _ = sym_matrix(MIXED, seed=4)
     lam_max = MIXED.max()
-    res = lanczos(as_matvec(a), MIXED.size, KEY, k=3, num_steps=30, dtype=jnp.float64)
+    res = lanczos(as_matvec(a), KEY, k=3, num_steps=30)
     np.testing.assert_allclose(res.eigenvalues, [20.0, 15.0, 12.0], rtol=1e-8)
     assert np.all(np.asarray(res.eigenvalues) <= lam_max + 1e-12)  # from inside
     assert np.all(np.asarray(res.residuals) < 1e-6)
@@ -141,7 +142,7 @@ def test_power_iteration_top_k_within_tolerance():
     lam = np.concatenate([[10.0, 5.0, 2.5], np.linspace(-1.0, 1.0, 47)])
     a, q = sym_matrix(lam, seed=7)
     for tol, bound in ((1e-3, 1e-2), (1e-10, 1e-5)):
-        res = power_iteration(as_matvec(a), 50, KEY, k=3, max_iter=2000, tol=tol, dtype=jnp.float64)
+        res = power_iteration(as_matvec(a), KEY, k=3, max_iter=2000, tol=tol)
         assert bool(np.all(res.converged))
         np.testing.assert_allclose(res.eigenvalues, lam[:3], rtol=bound)
         assert int(res.matvecs) == int(np.sum(res.matvecs_per_pair))
@@ -150,7 +151,7 @@ def test_power_iteration_top_k_within_tolerance():
     np.testing.assert_allclose(overlap, 1.0, atol=1e-5)
     # PyHessian finds the largest |lambda| first: here the negative one.
     a2, _ = sym_matrix([1.0, 0.5, -4.0, 0.1], seed=8)
-    res2 = power_iteration(as_matvec(a2), 4, KEY, k=2, max_iter=500, tol=1e-9, dtype=jnp.float64)
+    res2 = power_iteration(as_matvec(a2), KEY, k=2, max_iter=500, tol=1e-9)
     np.testing.assert_allclose(res2.eigenvalues, [-4.0, 1.0], rtol=1e-5)
     np.testing.assert_allclose(res2.sorted().eigenvalues, [1.0, -4.0], rtol=1e-5)
 
@@ -210,7 +211,7 @@ def test_power_iteration_matches_pyhessian_iterates(monkeypatch, max_iter, tol):
     ref_vectors = np.stack([vec[0].detach().numpy() for vec in ref_vectors])
     ref_counts = np.bincount(np.asarray(calls["hvp"]) - 1, minlength=k)
 
-    res = power_iteration(as_matvec(a), dim, None, k=k, max_iter=max_iter, tol=tol, v0=jnp.asarray(v0))
+    res = power_iteration(as_matvec(a), None, k=k, max_iter=max_iter, tol=tol, v0=jnp.asarray(v0))
     assert res.eigenvalues.dtype == jnp.float64
     np.testing.assert_allclose(res.eigenvalues, ref_values, rtol=1e-10)
     np.testing.assert_allclose(res.eigenvectors, ref_vectors, rtol=1e-10, atol=1e-12)
@@ -225,7 +226,7 @@ def test_power_iteration_matches_pyhessian_iterates(monkeypatch, max_iter, tol):
 def test_hutchinson_within_three_standard_errors():
     a, _ = sym_matrix(MIXED, seed=11)
     exact = float(np.trace(a))
-    estimate = jax.jit(lambda key: hutchinson(as_matvec(a), MIXED.size, key, num_samples=200, dtype=jnp.float64))
+    estimate = jax.jit(lambda key: hutchinson(as_matvec(a), key, num_samples=200))
     for seed in range(5):
         res = estimate(jax.random.PRNGKey(seed))
         assert isinstance(res, TraceResult) and int(res.matvecs) == 200
@@ -235,7 +236,7 @@ def test_hutchinson_within_three_standard_errors():
 def test_hutchinson_running_arrays_probes_and_batching():
     a, _ = sym_matrix(MIXED, seed=12)
     dim, n = MIXED.size, 50
-    res = hutchinson(as_matvec(a), dim, KEY, num_samples=n, batch_size=7, dtype=jnp.float64)
+    res = hutchinson(as_matvec(a), KEY, num_samples=n, batch_size=7)
     est = np.asarray(res.estimates)
     probes = np.stack([np.asarray(rademacher_probe(KEY, i, dim, jnp.float64)) for i in range(n)])
     np.testing.assert_allclose(est, np.einsum("ij,jk,ik->i", probes, a, probes), rtol=1e-12)
@@ -245,7 +246,7 @@ def test_hutchinson_running_arrays_probes_and_batching():
     np.testing.assert_allclose(np.asarray(res.running_stderr)[1:], ref_se, rtol=1e-10)
     assert np.isnan(res.running_stderr[0])
     assert float(res.trace) == float(res.running_mean[-1]) and float(res.stderr) == float(res.running_stderr[-1])
-    other = hutchinson(as_matvec(a), dim, KEY, num_samples=n, batch_size=64, dtype=jnp.float64)
+    other = hutchinson(as_matvec(a), KEY, num_samples=n, batch_size=64)
     np.testing.assert_allclose(other.estimates, est, rtol=1e-12)
     record = json.loads(json.dumps(res.to_dict()))
     assert record["matvecs"] == n and record["running_stderr"][0] is None
@@ -279,7 +280,7 @@ def test_trace_pyhessian_matches_pyhessian(monkeypatch, spectrum, tol):
     monkeypatch.setattr(torch, "randint_like", fake_randint_like)
     ref = hess.trace(maxIter=max_iter, tol=tol)
 
-    res = trace_pyhessian(as_matvec(a), 30, KEY, max_iter=max_iter, tol=tol, dtype=jnp.float64)
+    res = trace_pyhessian(as_matvec(a), KEY, max_iter=max_iter, tol=tol)
     count = int(res.matvecs)
     assert count == len(ref)
     np.testing.assert_allclose(np.asarray(res.estimates)[:count], ref, rtol=1e-12)
@@ -300,7 +301,7 @@ def test_slq_full_steps_reproduces_spectrum_and_weights():
     dim = 40
     lam = np.linspace(-2.0, 6.0, dim) + np.random.default_rng(14).uniform(0, 0.05, dim)
     a, q = sym_matrix(lam, seed=15)
-    nodes, weights = slq(as_matvec(a), dim, KEY, num_steps=dim, num_runs=3, dtype=jnp.float64)
+    nodes, weights = slq(as_matvec(a), KEY, num_steps=dim, num_runs=3)
     assert nodes.shape == weights.shape == (3, dim)
     order = np.argsort(lam)
     for r in range(3):
@@ -316,7 +317,7 @@ def test_spectral_density_integrates_to_one_and_peaks_at_clusters():
     centers = (-2.0, 1.0, 5.0)
     lam = np.concatenate([c + rng.uniform(-0.01, 0.01, 20) for c in centers])
     a, _ = sym_matrix(lam, seed=17)
-    nodes, weights = slq(as_matvec(a), 60, KEY, num_steps=30, num_runs=2, dtype=jnp.float64)
+    nodes, weights = slq(as_matvec(a), KEY, num_steps=30, num_runs=2)
     density, grid = spectral_density(nodes, weights)
     density, grid = np.asarray(density), np.asarray(grid)
     dx = grid[1] - grid[0]
@@ -360,27 +361,26 @@ def test_spectral_density_matches_pyhessian_formula(sigma_squared, spread):
 # ----------------------------------------------------------------------------- errors
 
 
-def _mv(v):
-    return 2.0 * v
+_mv = as_operator(lambda v: 2.0 * v, dim=5)
 
 
 @pytest.mark.parametrize(
     "call",
     [
-        lambda: lanczos(_mv, 5, KEY, k=6),
-        lambda: lanczos(_mv, 5, KEY, k=2, num_steps=6),
-        lambda: lanczos(_mv, 5, KEY, k=3, num_steps=2),
-        lambda: lanczos(_mv, 5, KEY, k=0),
-        lambda: lanczos(_mv, 5, KEY, k=2, v0=jnp.ones(4)),
+        lambda: lanczos(_mv, KEY, k=6),
+        lambda: lanczos(_mv, KEY, k=2, num_steps=6),
+        lambda: lanczos(_mv, KEY, k=3, num_steps=2),
+        lambda: lanczos(_mv, KEY, k=0),
+        lambda: lanczos(_mv, KEY, k=2, v0=jnp.ones(4)),
         lambda: lanczos_tridiag(_mv, jnp.ones(5), 6),
-        lambda: power_iteration(_mv, 5, KEY, k=6),
-        lambda: power_iteration(_mv, 5, KEY, k=2, max_iter=0),
-        lambda: power_iteration(_mv, 5, KEY, k=2, v0=jnp.ones((3, 5))),
-        lambda: hutchinson(_mv, 5, KEY, num_samples=0),
-        lambda: hutchinson(_mv, 5, KEY, batch_size=0),
-        lambda: trace_pyhessian(_mv, 5, KEY, max_iter=0),
-        lambda: slq(_mv, 5, KEY, num_steps=6),
-        lambda: slq(_mv, 5, KEY, num_steps=3, num_runs=0),
+        lambda: power_iteration(_mv, KEY, k=6),
+        lambda: power_iteration(_mv, KEY, k=2, max_iter=0),
+        lambda: power_iteration(_mv, KEY, k=2, v0=jnp.ones((3, 5))),
+        lambda: hutchinson(_mv, KEY, num_samples=0),
+        lambda: hutchinson(_mv, KEY, batch_size=0),
+        lambda: trace_pyhessian(_mv, KEY, max_iter=0),
+        lambda: slq(_mv, KEY, num_steps=6),
+        lambda: slq(_mv, KEY, num_steps=3, num_runs=0),
         lambda: spectral_density(jnp.ones((2, 3)), jnp.ones((2, 4))),
         lambda: spectral_density(jnp.ones((2, 3)), jnp.ones((2, 3)), num_bins=1),
         lambda: eigh_descending(jnp.ones((2, 3))),
@@ -401,17 +401,15 @@ def test_every_public_function_jits_to_the_same_answer():
     mv = as_matvec(a)
     f64 = jnp.float64
     cases = [
-        (power_iteration, dict(k=2, max_iter=50, tol=1e-4, dtype=f64),
-         ("matvec", "dim", "k", "max_iter", "dtype")),
-        (lanczos, dict(k=3, num_steps=12, dtype=f64), ("matvec", "dim", "k", "num_steps", "dtype")),
-        (hutchinson, dict(num_samples=20, batch_size=8, dtype=f64),
-         ("matvec", "dim", "num_samples", "batch_size", "dtype")),
-        (trace_pyhessian, dict(max_iter=20, dtype=f64), ("matvec", "dim", "max_iter", "dtype")),
-        (slq, dict(num_steps=10, num_runs=2, dtype=f64), ("matvec", "dim", "num_steps", "num_runs", "dtype")),
+        (power_iteration, dict(k=2, max_iter=50, tol=1e-4), ("op", "k", "max_iter")),
+        (lanczos, dict(k=3, num_steps=12), ("op", "k", "num_steps")),
+        (hutchinson, dict(num_samples=20, batch_size=8), ("op", "num_samples", "batch_size")),
+        (trace_pyhessian, dict(max_iter=20), ("op", "max_iter")),
+        (slq, dict(num_steps=10, num_runs=2), ("op", "num_steps", "num_runs")),
     ]
     for fn, kwargs, static in cases:
-        eager = fn(mv, dim, KEY, **kwargs)
-        jitted = jax.jit(fn, static_argnames=static)(matvec=mv, dim=dim, key=KEY, **kwargs)
+        eager = fn(mv, KEY, **kwargs)
+        jitted = jax.jit(fn, static_argnames=static)(op=mv, key=KEY, **kwargs)
         assert type(jitted) is type(eager)
         for x, y in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
             np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12, equal_nan=True)
@@ -420,7 +418,7 @@ def test_every_public_function_jits_to_the_same_answer():
     jitted = jax.jit(lanczos_tridiag, static_argnums=(0, 2))(mv, v0, 10)
     for x, y in zip(eager, jitted):
         np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
-    nodes, weights = slq(mv, dim, KEY, num_steps=10, dtype=f64)
+    nodes, weights = slq(mv, KEY, num_steps=10)
     for x, y in zip(spectral_density(nodes, weights, num_bins=100),
                     jax.jit(spectral_density, static_argnames="num_bins")(nodes, weights, num_bins=100)):
         np.testing.assert_allclose(x, y, rtol=1e-9)
@@ -430,13 +428,13 @@ def test_every_public_function_jits_to_the_same_answer():
 
 def test_float32_default_and_result_records():
     a, _ = sym_matrix(np.linspace(0.0, 5.0, 20), seed=20)
-    mv = lambda v: jnp.asarray(a, jnp.float32) @ v
-    res = lanczos(mv, 20, KEY, k=2)
+    mv = as_operator(jnp.asarray(a, jnp.float32))
+    res = lanczos(mv, KEY, k=2)
     assert res.eigenvalues.dtype == jnp.float32
     np.testing.assert_allclose(res.eigenvalues, [5.0, np.linspace(0.0, 5.0, 20)[-2]], rtol=1e-4)
-    power = power_iteration(mv, 20, KEY, k=2, max_iter=30)
+    power = power_iteration(mv, KEY, k=2, max_iter=30)
     assert power.eigenvectors.dtype == jnp.float32
     record = json.loads(json.dumps(power.to_dict(include_eigenvectors=True)))
     assert set(record) >= {"eigenvalues", "residuals", "matvecs", "matvecs_per_pair", "converged", "eigenvectors"}
     assert record["matvecs"] == sum(record["matvecs_per_pair"]) and len(record["eigenvectors"]) == 2
-    assert hutchinson(mv, 20, KEY, num_samples=4).trace.dtype == jnp.float32
+    assert hutchinson(mv, KEY, num_samples=4).trace.dtype == jnp.float32

@@ -61,7 +61,7 @@ def problem(c, n=N, chunk=CHUNK):
 def exact(c, op: str, n=N, chunk=CHUNK):
     """The dense float64 Hessian ("hvp") or GGN ("ggn_vp") of case c."""
     prob = problem(c, n, chunk)
-    return np.asarray(dense(getattr(operators, op)(prob), prob.dim, jnp.float64))
+    return np.asarray(dense(getattr(operators, op)(prob)))
 
 
 def flat_slices(params):

@@ -29,7 +29,7 @@ from tests.jax_impl.test_approx import AVG, MAX, RTOL, SAME, Z, exact, flat_slic
 
 
 def ggn(prob):
-    return np.asarray(dense(operators.ggn_vp(prob), prob.dim, jnp.float64))
+    return np.asarray(dense(operators.ggn_vp(prob)))
 
 
 def blocks_vs_exact(k, prob, g):

@@ -34,10 +34,10 @@ def test_hessian_of_linear_model_matches_closed_form(loss):
     spec, prob, x, _ = tiny_problem(hidden=(), loss=loss, n=9, d=4, c=3)
     # the flat order really is [bias, kernel] (ravel_pytree sorts keys)
     assert list(prob.params["Dense_0"]) == ["bias", "kernel"]
-    h = dense(operators.hvp(prob), prob.dim, jnp.float64)
+    h = dense(operators.hvp(prob))
     assert rel(h, linear_closed_form(prob, x, loss)) < RTOL
     # for a linear model the GGN is the Hessian
-    assert rel(dense(operators.ggn_vp(prob), prob.dim, jnp.float64), h) < RTOL
+    assert rel(dense(operators.ggn_vp(prob)), h) < RTOL
 
 
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu"])
@@ -48,7 +48,7 @@ def test_hessian_matches_finite_differences(activation):
     eps = 1e-5
     cols = [(grad(flat + eps * e) - grad(flat - eps * e)) / (2 * eps) for e in np.eye(prob.dim)]
     h_fd = np.stack(cols, axis=1)
-    h = dense(operators.hvp(prob), prob.dim, jnp.float64)
+    h = dense(operators.hvp(prob))
     # central differences: truncation O(eps^2 |g'''|) ~ 1e-10, rounding ~ 1e-16/eps ~ 1e-11
     assert rel(h, h_fd) < 1e-7
 
@@ -57,7 +57,7 @@ def test_hessian_matches_jax_hessian_and_is_symmetric():
     _, prob, x, y = tiny_problem(hidden=(3, 4), n=10)
     full = lambda f: jnp.mean(prob.ell(prob.apply(prob.unravel(f), jnp.asarray(x)), jnp.asarray(y)))
     h_ref = jax.hessian(full)(prob.flat_params)
-    h = dense(operators.hvp(prob), prob.dim, jnp.float64, chunk_size=7)
+    h = dense(operators.hvp(prob), chunk_size=7)
     assert rel(h, h_ref) < RTOL
     assert rel(h, h.T) < RTOL
 
@@ -86,8 +86,8 @@ def layer_blocks(prob):
 
 def test_relu_identities_diag_blocks_equal_ggn_cross_blocks_differ():
     _, prob, _, _ = tiny_problem(hidden=(6, 5), activation="relu", n=30)
-    h = dense(operators.hvp(prob), prob.dim, jnp.float64)
-    g = dense(operators.ggn_vp(prob), prob.dim, jnp.float64)
+    h = dense(operators.hvp(prob))
+    g = dense(operators.ggn_vp(prob))
     blocks = list(layer_blocks(prob).values())
     for b in blocks:
         assert rel(h[b, b], g[b, b]) < RTOL
@@ -98,8 +98,8 @@ def test_relu_identities_diag_blocks_equal_ggn_cross_blocks_differ():
 def test_tanh_diag_blocks_differ_from_ggn():
     # the ReLU identity must not hold by accident of the implementation
     _, prob, _, _ = tiny_problem(hidden=(6,), activation="tanh", n=30)
-    h = dense(operators.hvp(prob), prob.dim, jnp.float64)
-    g = dense(operators.ggn_vp(prob), prob.dim, jnp.float64)
+    h = dense(operators.hvp(prob))
+    g = dense(operators.ggn_vp(prob))
     b = layer_blocks(prob)["Dense_0"]
     assert rel(h[b, b], g[b, b]) > 1e-3
 
@@ -107,7 +107,7 @@ def test_tanh_diag_blocks_differ_from_ggn():
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 def test_ggn_is_psd_and_matches_explicit_jacobian(loss):
     _, prob, x, y = tiny_problem(hidden=(5,), activation="relu", loss=loss, n=15)
-    g = dense(operators.ggn_vp(prob), prob.dim, jnp.float64)
+    g = dense(operators.ggn_vp(prob))
     f = lambda fl: prob.apply(prob.unravel(fl), jnp.asarray(x))
     jac = np.asarray(jax.jacobian(f)(prob.flat_params))  # (N, C, d)
     m = np.asarray(losses.output_hessian(loss, f(prob.flat_params)))
@@ -121,7 +121,7 @@ def test_empirical_fisher_matches_per_sample_gradients():
     per = jax.vmap(jax.grad(lambda fl, xi, yi: prob.ell(prob.apply(prob.unravel(fl), xi[None]), yi[None])[0]),
                    in_axes=(None, 0, 0))(prob.flat_params, jnp.asarray(x), jnp.asarray(y))
     ref = np.asarray(per).T @ np.asarray(per) / len(x)
-    assert rel(dense(operators.empirical_fisher_vp(prob), prob.dim, jnp.float64), ref) < RTOL
+    assert rel(dense(operators.empirical_fisher_vp(prob)), ref) < RTOL
 
 
 def test_mc_fisher_converges_to_ggn():
@@ -153,7 +153,7 @@ def test_chunked_dense_hessian_equals_jax_hessian(c):
     x, y = c.data(7)
     full = lambda f: jnp.mean(prob.ell(prob.apply(prob.unravel(f), jnp.asarray(x)), jnp.asarray(y)))
     h_ref = np.asarray(jax.hessian(full)(prob.flat_params))
-    h = dense(operators.hvp(prob), prob.dim, jnp.float64, chunk_size=32)
+    h = dense(operators.hvp(prob), chunk_size=32)
     assert rel(h, h_ref) < RTOL
     assert rel(h, h.T) < 1e-13
 
@@ -162,7 +162,7 @@ def test_chunked_dense_hessian_equals_jax_hessian(c):
 def test_piecewise_linear_cnn_has_equal_hessian_and_ggn_diagonals(c):
     """ReLU and max-pool are piecewise linear: each layer's diagonal block of H equals the GGN's."""
     prob = c.problem()
-    h = dense(operators.hvp(prob), prob.dim, jnp.float64)
-    g = dense(operators.ggn_vp(prob), prob.dim, jnp.float64)
+    h = dense(operators.hvp(prob))
+    g = dense(operators.ggn_vp(prob))
     assert rel(np.diag(h), np.diag(g)) < RTOL
     assert rel(h, g) > 1e-3  # the cross-layer blocks differ: the test can tell the two apart
