@@ -1,4 +1,7 @@
-"""Datasets: MNIST from IDX files or tensorflow-datasets, sklearn's 8x8 digits, and a seeded Hessian subset."""
+"""Built-in datasets: MNIST from IDX files or tensorflow-datasets, sklearn's 8x8 digits; a seeded Hessian subset.
+
+Users' own ``.npz`` files are read by ``jax_impl.userdata``; both give a ``Dataset`` (``jax_impl.dataset``).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +11,12 @@ import gzip
 import hashlib
 import importlib.util
 import logging
-import math
 import os
 import zlib
 
 import numpy as np
 
+from jax_impl.dataset import Dataset  # noqa: F401  (re-exported: data.Dataset)
 from jax_impl.errors import HessianApproxError, check_finite
 
 DATASET_NAMES = ("auto", "mnist", "digits")
@@ -58,68 +61,6 @@ _RAW_SHA256 = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Dataset:
-    """A classification dataset, flattened and normalized (arrays are compared by identity).
-
-    x_train: (N, D) float32; y_train: (N,) int32 in 0..9; x_test: (M, D) float32;
-    y_test: (M,) int32. ``note`` says in one sentence which data was used and why.
-    """
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    name: str
-    source: str
-    note: str
-    normalization: dict
-
-    def __post_init__(self):
-        for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
-            if x.ndim != 2 or x.dtype != np.float32 or y.shape != (x.shape[0],) or y.dtype != np.int32:
-                raise HessianApproxError(
-                    f"{self.name} {split} split has x {x.shape} {x.dtype} and y {y.shape} {y.dtype}",
-                    "expected x (N, D) float32 and y (N,) int32; build Dataset through jax_impl.data loaders",
-                )
-        if self.x_train.shape[1] != self.x_test.shape[1]:
-            raise HessianApproxError(f"{self.name} train and test inputs differ in width "
-                                     f"({self.x_train.shape[1]} vs {self.x_test.shape[1]})",
-                                     "load both splits from the same source")
-
-    @property
-    def num_classes(self) -> int:
-        """10: both datasets' labels are checked to lie in 0..9."""
-        return 10
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """Per-sample image shape (H, W, 1) of the flattened rows: (28, 28, 1) MNIST, (8, 8, 1) digits.
-
-        Rows are the images flattened row-major, so ``x.reshape(N, H, W, 1)`` restores them
-        (channels last, as every architecture in hessian_approx expects).
-        """
-        d = int(self.x_train.shape[1])
-        side = math.isqrt(d)
-        if side * side != d:
-            raise HessianApproxError(f"{self.name} rows have {d} values, not a square grayscale image",
-                                     "use a flat (dense-first) model on this data")
-        return (side, side, 1)
-
-    def provenance(self) -> dict:
-        """JSON-serializable description for the result record."""
-        return {
-            "dataset": self.name,
-            "dataset_source": self.source,
-            "dataset_note": self.note,
-            "normalization": dict(self.normalization),
-            "train_size": int(self.x_train.shape[0]),
-            "test_size": int(self.x_test.shape[0]),
-            "input_dim": int(self.x_train.shape[1]),
-            "image_shape": list(self.image_shape),
-        }
 
 
 def default_data_dir() -> str | None:
@@ -237,6 +178,7 @@ def load_mnist_idx(data_dir) -> Dataset:
         source=f"idx:{data_dir}",
         note=f"MNIST ({n_train} train / {n_test} test) from checksum-verified IDX files in {data_dir}.",
         normalization=dict(MNIST_NORMALIZATION),
+        classes=10,
     )
 
 
@@ -342,6 +284,7 @@ def load_mnist_tfds(data_dir=None, download=False) -> Dataset:
         source="tfds",
         note=f"MNIST ({len(yi)} train / {len(yt)} test) from tensorflow-datasets in {where}.",
         normalization=dict(MNIST_NORMALIZATION),
+        classes=10,
     )
 
 
@@ -379,6 +322,7 @@ def load_digits() -> Dataset:
         note="scikit-learn's bundled 8x8 digits (1500 train / 297 test, split by a seed-0 permutation), "
              "as requested.",
         normalization=dict(norm),
+        classes=10,
     )
 
 
@@ -416,14 +360,15 @@ def load_dataset(name="auto", data_dir=None) -> Dataset:
 
 
 def hessian_subset(x, y, num_samples, seed) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed, seeded subset of (x (N, D), y (N,)): rows default_rng(seed).choice(N, k, replace=False).
+    """A fixed, seeded subset of (x (N, ...), y (N,) labels or (N, C) targets).
 
-    Returns (x[idx] (k, D), y[idx] (k,)) in drawn order; same seed -> same subset.
+    Rows default_rng(seed).choice(N, k, replace=False); returns (x[idx] (k, ...), y[idx] (k,)
+    or (k, C)) in drawn order; same seed -> same subset. Inputs (and float targets) must be finite.
     """
     x, y = np.asarray(x), np.asarray(y)
-    if x.ndim < 1 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+    if x.ndim < 1 or y.ndim not in (1, 2) or x.shape[0] != y.shape[0]:
         raise HessianApproxError(f"Hessian subset got x {x.shape} and y {y.shape}",
-                                 "pass x (N, D) and y (N,) with the same N")
+                                 "pass x (N, ...) and y (N,) labels or (N, C) targets with the same N")
     n = x.shape[0]
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
         raise HessianApproxError(f"--hessian-samples must be an integer, got {num_samples!r}",
@@ -434,4 +379,5 @@ def hessian_subset(x, y, num_samples, seed) -> tuple[np.ndarray, np.ndarray]:
     idx = np.random.default_rng(seed).choice(n, int(num_samples), replace=False)
     xs, ys = x[idx], y[idx]
     check_finite("inputs of the Hessian subset", xs)
+    check_finite("targets of the Hessian subset", ys)
     return xs, ys

@@ -155,13 +155,56 @@ def unflatten_tree(flat) -> dict:
     return tree
 
 
+def input_layout(arch: Architecture, x) -> str:
+    """How ``as_inputs`` maps x (N, ...) (numpy or jax) to (N, *arch.input_shape), for provenance.
+
+    Returns:
+      "as given": per-sample shape equal to the input shape (images are read channels last,
+        NHWC; a cube (C, C, C) cannot tell NCHW from NHWC and is read as NHWC);
+      "flattened": flat rows (N, D) of the right size, reshaped row-major (the built-in
+        datasets: images flattened channels last), or any (N, ...) of the right size for a flat
+        (D,) input (flattened row-major);
+      "NCHW->NHWC": (N, C, H, W) images for an (H, W, C) input, transposed (for C == 1 a
+        reshape: identical values);
+      "NHW->NHWC": (N, H, W) for an (H, W, 1) input, a unit channel axis appended.
+    Raises a one-line HessianApproxError for anything else, and for (N, C, H, C) arrays whose
+    last axis could equally be channels (NCHW of (H, C, C) or NHWC of another image size).
+    """
+    shape = tuple(int(s) for s in arch.input_shape)
+    xs = tuple(int(s) for s in np.shape(x))
+    per = xs[1:]
+    if len(xs) >= 1 and per == shape:
+        return "as given"
+    same_size = len(xs) >= 1 and int(np.prod(per)) == int(np.prod(shape))
+    if same_size and (len(xs) == 2 or len(shape) == 1):
+        return "flattened"
+    if len(shape) == 3 and len(per) == 3:
+        h, w, c = shape
+        if per == (c, h, w):
+            if c > 1 and w == c:
+                raise HessianApproxError(
+                    f"inputs of shape {per} per sample are NCHW images for the model's input {shape} or "
+                    f"channels-last images of another size (ambiguous)",
+                    f"pass them channels last (NHWC) as {shape}, e.g. x.transpose(0, 2, 3, 1)")
+            return "NCHW->NHWC"
+    if len(shape) == 3 and shape[2] == 1 and per == shape[:2]:
+        return "NHW->NHWC"
+    raise HessianApproxError(f"inputs of shape {per} per sample do not fit the model's input {shape}",
+                             "pass data of the model's input shape (images channels last, NHWC, or NCHW), "
+                             "flat rows, or a model built for this data")
+
+
 def as_inputs(arch: Architecture, x) -> np.ndarray:
-    """x (N, ...) reshaped to (N, *arch.input_shape) when the sizes agree (images flattened channels last)."""
+    """x (N, ...) as (N, *arch.input_shape): reshaped or transposed as ``input_layout`` says.
+
+    Equal shapes pass as given; flat rows are reshaped row-major (images flattened channels
+    last); NCHW images (N, C, H, W) are transposed to NHWC (never reshaped, which would scramble
+    channels); anything else raises a one-line error.
+    """
     x = np.asarray(x)
-    shape = tuple(arch.input_shape)
-    if x.ndim >= 1 and x.shape[1:] == shape:
+    layout = input_layout(arch, x)
+    if layout == "as given":
         return x
-    if x.ndim >= 1 and int(np.prod(x.shape[1:])) == int(np.prod(shape)):
-        return x.reshape((x.shape[0], *shape))
-    raise HessianApproxError(f"inputs of shape {x.shape[1:]} per sample do not fit the model's input {shape}",
-                             "pass data of the model's input shape, or a model built for this data")
+    if layout == "NCHW->NHWC" and x.shape[1] > 1:
+        return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    return x.reshape((x.shape[0], *arch.input_shape))

@@ -92,6 +92,8 @@ def test_idx_real_files(mnist, mnist_dir):
     prov = mnist.provenance()
     json.dumps(prov)
     assert prov["train_size"] == 60000 and prov["test_size"] == 10000 and prov["input_dim"] == 784
+    assert prov["image_shape"] == [28, 28, 1] and prov["num_classes"] == 10 and prov["targets"] == "labels"
+    assert mnist.image_shape == (28, 28, 1) and mnist.num_classes == 10
     assert prov["normalization"]["mean"] == 0.1307 and prov["normalization"]["std"] == 0.3081
 
 
@@ -287,6 +289,19 @@ def test_digits():
                                / 0.3760492217920148, atol=1e-5)
     assert a.name == "digits" and a.source == "sklearn"
     json.dumps(a.provenance())
+
+
+def test_builtin_datasets_keep_their_shape_and_classes():
+    """Flat (N, D) float32 rows of square grayscale images, int32 labels, 10 classes."""
+    a = data.load_digits()
+    assert a.input_shape == (64,) and a.image_shape == (8, 8, 1) and a.input_dim == 64
+    assert a.targets_kind == "labels" and a.num_classes == 10 and a.classes == 10
+    prov = a.provenance()
+    assert prov["image_shape"] == [8, 8, 1] and prov["input_dim"] == 64 and prov["input_shape"] == [64]
+    assert prov["targets"] == "labels" and prov["num_classes"] == 10 and prov["input_dtype"] == "float32"
+    assert "data_sha256" not in prov  # only user files carry a file checksum
+    few = data.Dataset(a.x_train, np.zeros(1500, np.int32), a.x_test, a.y_test * 0, "d", "s", "n", {}, classes=10)
+    assert few.num_classes == 10  # given, not max label + 1
 
 
 def test_dataset_rejects_bad_arrays():
