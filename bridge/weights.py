@@ -66,8 +66,10 @@ def read_flax_file(path) -> tuple[dict[str, dict[str, np.ndarray]], Architecture
         raise HessianApproxError(f"weight file {path} is not a readable safetensors file ({err})",
                                  "re-create it with `hessian-approx train`") from None
     if "spec" not in meta:
-        raise HessianApproxError(f"weight file {path} has no architecture (\"spec\") in its metadata",
-                                 "save it with jax_impl.checkpoint.save_checkpoint or bridge.weights.save_from_torch")
+        raise HessianApproxError(f"weight file {path} has no architecture (\"spec\") in its metadata, so "
+                                 "hessian-approx did not write it",
+                                 "read weights from other training scripts with bridge.external.read_weights "
+                                 "(--weights FILE [--arch STR]); --checkpoint takes files hessian-approx wrote")
     layout = meta.get("layout", LAYOUT)
     if layout != LAYOUT:
         raise HessianApproxError(f"weight file {path} has layout {layout!r}, expected {LAYOUT!r}",

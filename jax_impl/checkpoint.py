@@ -47,8 +47,10 @@ def load_checkpoint(path, arch: Architecture | None = None):
         raise HessianApproxError(f"checkpoint {path} is not a readable safetensors file ({err})",
                                  "re-create it with `hessian-approx train`") from None
     if "spec" not in meta:
-        raise HessianApproxError(f"checkpoint {path} has no model spec in its metadata",
-                                 "save it with hessian-approx (jax_impl.checkpoint.save_checkpoint)")
+        raise HessianApproxError(f"checkpoint {path} has no architecture (\"spec\") in its metadata, so hessian-approx "
+                                 "did not write it",
+                                 "read weights from other training scripts with --weights FILE [--arch STR] "
+                                 "(bridge.external.read_weights); --checkpoint takes files hessian-approx wrote")
     if meta.get("layout", LAYOUT) != LAYOUT:
         raise HessianApproxError(f"checkpoint {path} has layout {meta['layout']!r}, not {LAYOUT!r}",
                                  "convert it with bridge.weights.save_from_torch")
