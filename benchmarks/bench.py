@@ -184,7 +184,7 @@ def width_sweep(base: Options, widths, repeats: int, max_exact_dim: int, torch_o
         row = {"width": w, "num_params": dim, "jax_hvp": measure(lambda: hvp(v), repeats)}
         lan = jax.jit(lambda kk: algorithms.lanczos(hvp, kk, k=10, num_steps=40))
         row["jax_lanczos40"] = measure(lambda: lan(key), repeats)
-        hut = jax.jit(lambda kk: algorithms.hutchinson(hvp, dim, kk, num_samples=100, dtype=ctx.dtype))
+        hut = jax.jit(lambda kk: algorithms.hutchinson(hvp, kk, num_samples=100))
         row["jax_hutchinson100"] = measure(lambda: hut(key), repeats)
         if dim <= max_exact_dim:
             row["jax_exact_hessian"] = measure(dense_fn(operators.hvp(ctx.problem), ctx.dense_columns), 1)
