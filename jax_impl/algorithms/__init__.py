@@ -1,14 +1,15 @@
 """Matrix-free algorithms on an Operator: power iteration, Lanczos, Hutchinson, SLQ, dense eigh."""
 
 from jax_impl.algorithms.dense import eigh_descending, eigvalsh_descending
-from jax_impl.algorithms.hutchinson import hutchinson, rademacher_probe, trace_pyhessian
+from jax_impl.algorithms.hutchinson import hutchinson, hutchinson_diagonal, rademacher_probe, trace_pyhessian
 from jax_impl.algorithms.operator import Operator, as_operator
 from jax_impl.algorithms.lanczos import default_num_steps, lanczos, lanczos_tridiag, tridiagonal
 from jax_impl.algorithms.power import power_iteration, pyhessian_normalize
-from jax_impl.algorithms.results import EigResult, TraceResult
+from jax_impl.algorithms.results import DiagonalResult, EigResult, TraceResult
 from jax_impl.algorithms.slq import slq, spectral_density
 
 __all__ = [
+    "DiagonalResult",
     "EigResult",
     "Operator",
     "TraceResult",
@@ -17,6 +18,7 @@ __all__ = [
     "eigh_descending",
     "eigvalsh_descending",
     "hutchinson",
+    "hutchinson_diagonal",
     "lanczos",
     "lanczos_tridiag",
     "power_iteration",

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_impl.algorithms.operator import Operator, require_operator
-from jax_impl.algorithms.results import TraceResult
+from jax_impl.algorithms.results import DiagonalResult, TraceResult
 from jax_impl.errors import HessianApproxError
 
 
@@ -187,3 +187,45 @@ def trace_pyhessian(
         running_stderr=stderr,
         matvecs=count,
     )
+
+
+def hutchinson_diagonal(op: Operator, key: jax.Array, num_samples: int = 100) -> DiagonalResult:
+    """Hutchinson's diagonal estimate ``diag(A) ~ mean_i v_i * (A v_i)`` with Rademacher ``v_i``.
+
+    Probe ``i`` is :func:`rademacher_probe` ``(key, i, op.dim, op.dtype)`` (the probes of
+    :func:`hutchinson`, so ``sum(diagonal)`` equals its trace estimate for the same key).
+    Entry ``j`` of each product is unbiased with variance ``sum_{k != j} A_jk^2``.
+
+    Args:
+      op: symmetric :class:`Operator` (vmappable).
+      key: PRNG key.
+      num_samples: probes = matvecs, ``>= 1`` (one at a time: memory ``O(dim)``).
+    Returns:
+      :class:`DiagonalResult` with ``diagonal`` and ``stderr`` (``std(ddof=1)/sqrt(n)``
+      per entry, NaN for one probe) of shape ``(dim,)``.
+
+    References:
+      Bekas, Kokiopoulou & Saad, "An estimator for the diagonal of a matrix", 2007.
+    """
+    op = require_operator(op, "hutchinson_diagonal")
+    num_samples = int(num_samples)
+    if num_samples < 1:
+        raise HessianApproxError(f"num_samples={num_samples} is below 1", "use num_samples >= 1")
+
+    def product(i):
+        v = rademacher_probe(key, i, op.dim, op.dtype)
+        return v * op(v)
+
+    def step(carry, i):  # Welford over probes, per entry
+        n, mean, m2 = carry
+        x = product(i)
+        n = n + 1
+        delta = x - mean
+        mean = mean + delta / n
+        return (n, mean, m2 + delta * (x - mean)), None
+
+    zero = op.zeros()
+    (n, mean, m2), _ = jax.lax.scan(step, (jnp.zeros((), op.dtype), zero, zero),
+                                    jnp.arange(num_samples, dtype=jnp.int32))
+    stderr = jnp.sqrt(m2 / (n - 1) / n)
+    return DiagonalResult(diagonal=mean, stderr=stderr, matvecs=jnp.asarray(num_samples, jnp.int32))

@@ -139,3 +139,34 @@ jax.tree_util.register_dataclass(
         data_fields=[f.name for f in dataclasses.fields(TraceResult)],
         meta_fields=[],
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagonalResult:
+    """An estimate of an operator's diagonal with per-entry standard errors.
+
+    Attributes:
+        diagonal: ``(dim,)`` the estimate.
+        stderr: ``(dim,)`` standard error of each entry (zeros for an exact diagonal;
+            NaN for a single probe).
+        matvecs: ``()`` int, operator applications used.
+    """
+
+    diagonal: jax.Array
+    stderr: jax.Array
+    matvecs: jax.Array
+
+    def to_dict(self, include_diagonal: bool = False) -> dict:
+        """JSON-ready summary: the diagonal's sum (a trace estimate), mean stderr, matvecs."""
+        out = {"trace": _floats(jnp.sum(self.diagonal)), "mean_stderr": _floats(jnp.mean(self.stderr)),
+               "matvecs": _ints(self.matvecs)}
+        if include_diagonal:
+            out["diagonal"] = _floats(self.diagonal)
+        return out
+
+
+jax.tree_util.register_dataclass(
+        DiagonalResult,
+        data_fields=[f.name for f in dataclasses.fields(DiagonalResult)],
+        meta_fields=[],
+)
