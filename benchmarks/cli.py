@@ -34,15 +34,22 @@ def add_problem_flags(p: argparse.ArgumentParser, json_flag: bool = True) -> Non
     g.add_argument("--dataset", default="auto", choices=["auto", "mnist", "digits"],
                    help="auto: MNIST from --data-dir/$HESSIAN_APPROX_DATA or a prepared tfds copy, else 8x8 digits")
     g.add_argument("--data-dir", default=None, help="directory with the four MNIST IDX files (gz or raw)")
-    g.add_argument("--model", default=None, metavar="MODEL",
+    g.add_argument("--data", default=None, metavar="FILE.npz",
+                   help="your own data: arrays x (N, ...) and y (N,) labels or (N, C) targets "
+                        "[, x_test, y_test]; images channels last (see README)")
+    g.add_argument("--model", "--arch", dest="model", default=None, metavar="MODEL",
                    help="mlp (default), cnn, or a layer string such as "
                         "conv8k5-relu-maxpool2-conv16k5-relu-maxpool2-flatten-dense10 (see README); "
-                        "with --checkpoint: the file's architecture")
+                        "with --checkpoint: the file's; with --weights: the file's architecture, "
+                        "else inferred from the tensor shapes where they determine it")
     g.add_argument("--hidden", type=_ints, default=None, help="hidden widths of --model mlp, e.g. 10 or 32,32 (default 10)")
     g.add_argument("--activation", default=None, choices=["relu", "tanh", "sigmoid"],
                    help="replaces every activation of the model (default: relu, or as the layer string says)")
     g.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])
     g.add_argument("--checkpoint", default=None, help="weights from `hessian-approx train`; default: train now")
+    g.add_argument("--weights", default=None, metavar="FILE",
+                   help="your own weights: a PyTorch nn.Sequential state_dict (.pt or safetensors) or a Flax "
+                        "parameter file (msgpack or safetensors) of a supported architecture (see README)")
     g.add_argument("--epochs", type=int, default=None,
                    help="training epochs when no --checkpoint (default 5 for MNIST, 100 for digits)")
     g.add_argument("--hessian-samples", type=int, default=None,
@@ -164,6 +171,7 @@ def run(args) -> int:
     _ = ctx.subset  # a bad --hessian-samples fails here, before any training
     preflight(ctx, names)
     record = rec.new_record(args.command, ctx.provenance())
+    record["point"] = ctx.point()
     run_methods(ctx, names, record)
     record["comparisons"] = rec.compare_to_reference(record, "exact", ctx.options.k)
     print(rec.format_table(record))

@@ -52,11 +52,16 @@ def chunk_sizes(arch: Architecture, samples: int | None = None) -> tuple[int, in
     return samples, 1 << (budget.bit_length() - 1)
 
 
+def data_shape(dataset: data.Dataset) -> tuple[int, ...]:
+    """The per-sample shape a model is built on: (H, W, C) for image data, else the stored shape."""
+    return tuple(dataset.image_shape) if "image_shape" in dataset.provenance() else tuple(dataset.input_shape)
+
+
 def architecture_from_flags(model: str | None, hidden, activation: str | None, image_shape,
                             num_classes: int) -> Architecture:
-    """The network the flags describe, on data of per-sample ``image_shape`` (H, W, C).
+    """The network the flags describe, on data of per-sample ``image_shape`` ((H, W, C) or (D,)).
 
-    ``mlp`` (the default) is Dense(h)-act-...-Dense(C) on the flattened images with --hidden
+    ``mlp`` (the default) is Dense(h)-act-...-Dense(C) on the flattened inputs with --hidden
     widths; ``cnn`` and layer strings are parsed as written. --activation replaces every
     activation of a preset or string.
     """
@@ -82,6 +87,8 @@ class Options:
 
     dataset: str = "auto"
     data_dir: str | None = None
+    data: str | None = None  # a user .npz (x, y[, x_test, y_test]) instead of a built-in dataset
+    weights: str | None = None  # external weights: torch state_dict or Flax file (bridge.external)
     model: str | None = None  # None: "mlp", or the --checkpoint's architecture
     hidden: tuple[int, ...] | None = None  # None: (10,) (mlp only)
     activation: str | None = None  # None: as the architecture says (relu for the presets)
@@ -122,6 +129,12 @@ class Options:
             raise HessianApproxError(f"--seed is {self.seed}", "pass a seed >= 0")
         if self.epochs is not None and self.epochs < 1:
             raise HessianApproxError(f"--epochs is {self.epochs}", "pass a positive number")
+        if self.weights and self.checkpoint:
+            raise HessianApproxError("both --weights and --checkpoint were given",
+                                     "pass one: --checkpoint for hessian-approx files, --weights for any other")
+        if self.data and (self.dataset != "auto" or self.data_dir):
+            raise HessianApproxError("--data was given with --dataset or --data-dir",
+                                     "pass --data FILE.npz alone (or a built-in --dataset)")
 
 
 class Context:
@@ -144,7 +157,12 @@ class Context:
 
     @functools.cached_property
     def dataset(self) -> data.Dataset:
-        ds = data.load_dataset(self.options.dataset, self.options.data_dir)
+        if self.options.data:
+            from jax_impl.userdata import load_npz
+
+            ds = load_npz(self.options.data)
+        else:
+            ds = data.load_dataset(self.options.dataset, self.options.data_dir)
         log(f"data: {ds.note}")
         return ds
 
@@ -152,10 +170,33 @@ class Context:
     def arch(self) -> Architecture:
         """The network: --model (preset or layer string) with --hidden/--activation, or the checkpoint's."""
         o = self.options
-        if o.checkpoint and o.model is None and o.hidden is None and o.activation is None:
-            return self._checkpoint[1]
-        return architecture_from_flags(o.model, o.hidden, o.activation, self.dataset.image_shape,
-                                       self.dataset.num_classes)
+        if o.weights:
+            if o.hidden is not None:
+                raise HessianApproxError("--hidden does not apply to --weights",
+                                         "pass the architecture with --arch (e.g. dense32-tanh-dense10) or none")
+            arch = self._weights[1]
+        elif o.checkpoint and o.model is None and o.hidden is None and o.activation is None:
+            arch = self._checkpoint[1]
+        else:
+            arch = architecture_from_flags(o.model, o.hidden, o.activation, data_shape(self.dataset),
+                                           self.dataset.num_classes)
+        if arch.num_classes != self.dataset.num_classes:
+            raise HessianApproxError(
+                f"the model has {arch.num_classes} outputs but the data have {self.dataset.num_classes} "
+                f"{'classes' if self.dataset.targets_kind == 'labels' else 'target columns'}",
+                "pass weights, --arch and --data that belong together")
+        return arch
+
+    @functools.cached_property
+    def _weights(self):
+        """(params, arch, info) of --weights, the architecture from --arch/--model, the file or the shapes."""
+        from bridge.external import read_weights
+
+        o = self.options
+        text = None if o.model is None else PRESETS.get(o.model.strip().lower(), o.model)
+        if text is not None and o.activation:
+            text = "-".join(o.activation if w in ("relu", "tanh", "sigmoid") else w for w in text.split("-"))
+        return read_weights(o.weights, arch=text, input_shape=data_shape(self.dataset), activation=o.activation)
 
     @property
     def chunk_size(self) -> int:
@@ -172,7 +213,7 @@ class Context:
         """--hessian-samples, else DEFAULT_SAMPLES for an mlp or any other (convolutional) network."""
         if self.options.hessian_samples is not None:
             return self.options.hessian_samples
-        return DEFAULT_SAMPLES["mlp" if self.arch.is_mlp else "cnn"]
+        return min(DEFAULT_SAMPLES["mlp" if self.arch.is_mlp else "cnn"], len(self.dataset.x_train))
 
     @functools.cached_property
     def _checkpoint(self):
@@ -181,7 +222,12 @@ class Context:
     @functools.cached_property
     def params(self):
         o = self.options
-        if o.checkpoint:
+        if o.weights:
+            params, _, info = self._weights
+            self.train_info = dict(info)
+            log(f"weights: read {o.weights} ({info['weights_format']}, architecture {info['architecture_source']})")
+            params = models.unflatten_tree(params)
+        elif o.checkpoint:
             params, stored, meta = self._checkpoint
             if stored != self.arch:
                 raise HessianApproxError(
@@ -205,11 +251,14 @@ class Context:
                                    progress=lambda e, l: (bar.update(1), bar.set_postfix(loss=f"{l:.3f}")))
         bar.close()
         apply = models.make_apply(self.arch)
-        info = {"trained": True, "epochs": epochs, "final_loss": hist["loss"][-1],
-                "train_accuracy": train.accuracy(apply, params, self.dataset.x_train, self.dataset.y_train),
-                "test_accuracy": train.accuracy(apply, params, self.dataset.x_test, self.dataset.y_test),
-                "train_seconds": time.perf_counter() - t0}
-        log(f"trained: train accuracy {info['train_accuracy']:.4f}, test accuracy {info['test_accuracy']:.4f}")
+        ds = self.dataset
+        info = {"trained": True, "epochs": epochs, "final_loss": hist["loss"][-1], "train_seconds": time.perf_counter() - t0}
+        if ds.targets_kind == "labels":
+            info["train_accuracy"] = train.accuracy(apply, params, ds.x_train, ds.y_train)
+            if len(ds.x_test):
+                info["test_accuracy"] = train.accuracy(apply, params, ds.x_test, ds.y_test)
+        log("trained: " + (", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in info.items() if "accuracy" in k)
+                           or f"final loss {info['final_loss']:.4g}"))
         return params, info
 
     @functools.cached_property
@@ -261,13 +310,19 @@ class Context:
     def ggn(self) -> tuple[np.ndarray, float]:
         return self.dense(operators.ggn_vp(self.problem), "GGN columns")
 
+    def point(self) -> dict:
+        """The loss and gradient norm at the weights, over the Hessian subset (the record's "point")."""
+        g = np.asarray(operators.gradient(self.problem))
+        return {"loss": float(operators.loss(self.problem)), "gradient_norm": float(np.linalg.norm(g))}
+
     def provenance(self) -> dict:
         from benchmarks.record import machine, versions
 
         o = self.options
         ds = self.dataset
         _ = self.params  # fills self.train_info
-        return {**ds.provenance(), "hessian_samples": self.hessian_samples, "subset_seed": o.seed,
+        return {**ds.provenance(), "input_layout": models.input_layout(self.arch, ds.x_train[:1]),
+                "hessian_samples": self.hessian_samples, "subset_seed": o.seed,
                 "model": self.arch.describe(), "architecture": self.arch.to_dict(),
                 "num_params": self.arch.num_params, "loss": o.loss, "dtype": o.dtype, "seed": o.seed,
                 "kfac_approx": o.kfac_approx, "chunk_size": self.chunk_size, "dense_columns": self.dense_columns, "devices": [str(d) for d in jax.devices()],

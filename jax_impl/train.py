@@ -54,7 +54,8 @@ def train(arch: Architecture, x_train, y_train, config: TrainConfig = TrainConfi
 
     Args:
       arch: the network.
-      x_train: (N, *input_shape) float inputs (or flat rows of the same size); y_train: (N,) labels.
+      x_train: (N, *input_shape) float inputs (or flat rows of the same size); y_train: (N,) labels
+        or (N, C) float targets (one-hot or real for mse, class probabilities for cross-entropy).
       config: hyper-parameters; ``config.seed`` fixes init and shuffling.
       progress: called as ``progress(epoch, mean_loss)`` after each epoch.
     Returns:
@@ -70,7 +71,8 @@ def train(arch: Architecture, x_train, y_train, config: TrainConfig = TrainConfi
     opt = optax.adam(config.learning_rate)
     opt_state = opt.init(params)
     x = jnp.asarray(x_train, jnp.float32)
-    y = jnp.asarray(y_train, jnp.int32)
+    y_train = np.asarray(y_train)
+    y = jnp.asarray(y_train, jnp.int32 if y_train.ndim == 1 else jnp.float32)  # labels, or (N, C) targets
     n = len(x)
     steps = n // config.batch_size
     if steps == 0:

@@ -171,6 +171,10 @@ def _inputs(a: np.ndarray, name: str, path: str) -> np.ndarray:
     if 0 in a.shape[1:]:
         raise HessianApproxError(f"{where} has shape {a.shape}: samples of no values",
                                  f"save {name} as (N, ...) with at least one value per sample")
+    if a.ndim == 4 and a.shape[1] <= 4 < min(a.shape[2], a.shape[3]):
+        raise HessianApproxError(
+            f"{where} has shape {a.shape}, which looks channels-first (N, C, H, W), torch's layout",
+            f"save images channels last: {name}={name}.transpose(0, 2, 3, 1) (N, H, W, C)")
     _check_finite(a, where)
     return a.astype(np.float32) if a.dtype == np.float16 else a
 

@@ -42,12 +42,13 @@ def prepare(model: nn.Module, x, y, loss: str) -> tuple[torch.Tensor, torch.Tens
     """(inputs in the model's dtype, targets as the criterion wants them, criterion).
 
     ``x`` is (N, D) or channels-last images (N, H, W, C), given to the twin as NCHW
-    (``models.as_inputs``). ``y`` is integer labels (N,); for "mse" a float (N, C) target matrix is also taken as is.
+    (``models.as_inputs``). ``y`` is integer labels (N,), or float (N, C) targets taken as is (one-hot or real
+    for "mse", class probabilities for "cross_entropy", as torch's CrossEntropyLoss takes them).
     """
     models.check_loss(loss)
     xt = models.as_inputs(model, x)
     yt = torch.as_tensor(y)
-    if loss == "mse" and yt.ndim == 2:
+    if yt.ndim == 2:  # float targets: one-hot or real (mse), class probabilities (cross_entropy)
         t = yt.to(xt.dtype)
     else:
         t = models.targets(yt, loss, models.num_classes(model), xt.dtype)
