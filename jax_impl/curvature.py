@@ -149,8 +149,16 @@ class Curvature:
     def eigenvalues(self, k: int = 10, method: str = "lanczos", key=None, num_steps=None,
                     max_iter: int = 100, tol: float = 1e-3) -> algorithms.EigResult:
         """Top-k eigenpairs: "lanczos" (default; descending Ritz pairs with residuals), "power"
-        (PyHessian's power iteration, ``max_iter`` and ``tol``) or "exact" (dense eigh)."""
+        (PyHessian's power iteration, ``max_iter`` and ``tol``) or "exact" (dense eigh).
+
+        Lanczos runs ``num_steps`` matvecs, default ``min(d, max(8 k, 80))``: network spectra
+        below the outliers are clustered, and 40 steps left the 8th-10th of a LayerNorm MLP's
+        top-10 3% off while 80 steps gave 2e-7 (float32). Check ``residuals``: each Ritz value
+        lies within its residual of an eigenvalue.
+        """
         key = jax.random.PRNGKey(0) if key is None else key
+        if num_steps is None:
+            num_steps = min(self.dim, max(8 * k, 80))
         if method == "lanczos":
             return jax.jit(algorithms.lanczos, static_argnames=("op", "k", "num_steps"))(
                 self.operator, key, k=k, num_steps=num_steps)
