@@ -143,3 +143,30 @@ def test_command_line_with_weights_and_data(x64, tmp_path, kind):
     prov = record["provenance"]
     assert prov["data_file"] == str(data.resolve()) and len(prov["data_sha256"]) == 64
     assert prov["weights"]["weights_file"] == str(weights) and prov["num_params"] == grad.size
+
+
+def _error_line(capsys, argv) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # progress lines come first on stderr
+    assert err.startswith("error: ") and "; " in err
+    return err
+
+
+def test_command_line_refuses_a_conv_file_without_arch(tmp_path, capsys):
+    _, weights, data = train_in_torch("cnn", tmp_path)
+    err = _error_line(capsys, ["eigs", "--weights", str(weights), "--data", str(data)])
+    assert "convolutions" in err and "--arch" in err
+
+
+def test_command_line_refuses_an_npz_without_y(tmp_path, capsys):
+    np.savez(tmp_path / "bad.npz", x=np.zeros((4, 16)))
+    err = _error_line(capsys, ["eigs", "--data", str(tmp_path / "bad.npz")])
+    assert "'y'" in err
+
+
+def test_command_line_refuses_targets_of_the_wrong_width(tmp_path, capsys):
+    _, weights, _ = train_in_torch("tanh-mse", tmp_path)  # 4 outputs
+    np.savez(tmp_path / "wide.npz", x=np.zeros((6, 16)), y=np.ones((6, 5)))
+    err = _error_line(capsys, ["eigs", "--weights", str(weights), "--data", str(tmp_path / "wide.npz"),
+                               "--activation", "tanh", "--loss", "mse"])
+    assert "4 outputs" in err and "5 target columns" in err
