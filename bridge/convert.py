@@ -107,8 +107,9 @@ def _to_numpy(value) -> np.ndarray:
         value = value.detach().cpu()
         try:
             return value.numpy().copy()
-        except TypeError:  # e.g. bfloat16 has no numpy dtype
-            return value.double().numpy()
+        except TypeError:  # e.g. bfloat16 has no numpy dtype: refused, never cast silently
+            raise HessianApproxError(f"a tensor of dtype {value.dtype} has no numpy dtype",
+                                     "cast the weights to float32 or float64 first") from None
     return np.array(value, copy=True)
 
 
@@ -179,8 +180,8 @@ def torch_to_flax(state_dict, arch) -> dict[str, dict[str, np.ndarray]]:
       arch: the Architecture, or its dict.
     Returns:
       {name: {"bias": (out,), "kernel": Flax shape}, ...} in network order, C-contiguous numpy
-      leaves in the dtype of the tensors. Pass through ``jax.numpy.asarray`` (or
-      ``jax_impl.models.unflatten_tree``) for JAX arrays.
+      leaves in the dtype of the tensors. For JAX arrays pass it through
+      ``jax_impl.models.unflatten_tree`` (or ``jax.tree.map(jnp.asarray, tree)``).
     Raises:
       HessianApproxError naming the key, its layer and the expected shape when the state_dict
       does not match the architecture (missing or extra key, wrong shape).

@@ -154,7 +154,11 @@ def as_inputs(model: nn.Module, x) -> torch.Tensor:
     if arch is not None:
         shape = tuple(arch.input_shape)
         if tuple(x.shape[1:]) != shape:
-            if x.ndim < 1 or int(np.prod(x.shape[1:])) != int(np.prod(shape)):
+            same_size = x.ndim >= 1 and int(np.prod(x.shape[1:])) == int(np.prod(shape))
+            # flat rows, flat models and one-channel images reshape safely; anything else would
+            # scramble channels (an NCHW (C, H, W) array is not an (H, W, C) one)
+            safe = x.ndim == 2 or len(shape) == 1 or shape[-1] == 1
+            if not (same_size and safe):
                 raise HessianApproxError(
                     f"inputs of shape {tuple(x.shape[1:])} per sample do not fit the model's input {shape}",
                     "pass data of the model's input shape (images channels last), or a model built for this data")
