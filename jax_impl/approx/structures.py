@@ -1,7 +1,9 @@
 """Structured curvature approximations (diagonal, Kronecker-factored blocks) in the JAX flat order.
 
 Every structure answers the same questions as a dense matrix would, without building it
-unless asked: ``eigenvalues(k)`` (descending), ``trace()``, ``matvec(v)`` on flat (d,)
+unless asked: ``eigenvalues(k)`` (descending), ``eigh(k)`` / ``eigenvectors(k)`` (the top-k
+eigenpairs, eigenvectors as (k, d) rows, from the structure: indexing for a diagonal, the
+factors' eigendecompositions for Kronecker blocks), ``trace()``, ``matvec(v)`` on flat (d,)
 vectors, ``dense()`` (d, d) and ``to_dict()`` (a JSON-friendly summary).
 
 The JAX flat order is ``jax.flatten_util.ravel_pytree(params)``: layers in sorted key
@@ -19,6 +21,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_impl.errors import HessianApproxError
+
+
+def _top_count(k: int | None, dim: int) -> int:
+    """How many eigenpairs ``k`` asks for: all ``dim`` when None, else min(k, dim) (as slicing)."""
+    if k is None:
+        return dim
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise HessianApproxError(f"k={k!r} is not a non-negative integer", "pass k >= 0 or None for all")
+    return min(int(k), dim)
+
+
+def _host(x) -> np.ndarray:
+    """x as a host numpy array; half precisions (float16, bfloat16) widened to float32 for LAPACK."""
+    x = np.asarray(x)
+    return x.astype(np.float32) if x.dtype.itemsize < 4 else x
+
+
+def _descending_order(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices (k,) of the k largest ``values``, descending; ties keep their order in ``values``."""
+    return np.argsort(-values, kind="stable")[:k]
 
 
 def _summary(eigs, trace, k: int | None) -> dict:
@@ -47,6 +69,31 @@ class Diagonal:
         """The top-``k`` eigenvalues (all when None), descending: (k,)."""
         e = -jnp.sort(-self.diag)
         return e if k is None else e[:k]
+
+    def eigh(self, k: int | None = None) -> tuple[jax.Array, jax.Array]:
+        """The top-``k`` eigenpairs (all when None; k > d gives d), by indexing, no matrix.
+
+        The eigenvectors of diag(d) are the unit vectors e_i; the top-k are those of the k
+        largest entries (ties in the order of the flat index: among equal entries any choice
+        spans the same eigenspace only when all of them are taken).
+
+        Computed on the host (numpy; not traceable under ``jit``).
+
+        Returns:
+          (eigenvalues (k,) descending, eigenvectors (k, d): row r is e_{i_r}, the unit
+          vector of the r-th largest entry i_r, in the JAX flat order), in ``diag``'s dtype.
+        """
+        k = _top_count(k, self.dim)
+        diag = _host(self.diag)
+        idx = _descending_order(diag, k)
+        vecs = np.zeros((k, self.dim), diag.dtype)
+        vecs[np.arange(k), idx] = 1
+        dtype = self.diag.dtype
+        return jnp.asarray(diag[idx], dtype), jnp.asarray(vecs, dtype)
+
+    def eigenvectors(self, k: int | None = None) -> jax.Array:
+        """The top-``k`` unit eigenvectors as rows: (k, d) (``eigh(k)[1]``)."""
+        return self.eigh(k)[1]
 
     def trace(self) -> jax.Array:
         """Σ_i diag_i (a scalar)."""
@@ -142,6 +189,58 @@ class KroneckerBlocks:
             parts += [eg, jnp.outer(ea, eg).ravel()]
         e = -jnp.sort(-jnp.concatenate(parts))
         return e if k is None else e[:k]
+
+    def eigh(self, k: int | None = None) -> tuple[jax.Array, jax.Array]:
+        """The top-``k`` eigenpairs (all when None; k > d gives d) from the factors, no (d, d) matrix.
+
+        Per layer with G = V diag(γ) Vᵀ (O, O) and A = U diag(α) Uᵀ (J, J): the bias block G has
+        eigenpairs (γ_j, v_j) on the bias slice; the kernel block kron(A, G) has (α_i γ_j,
+        kron(u_i, v_j)) on the kernel slice, the kernel's (J, O) row-major order (entry
+        j·O + o is u_i[j] v_j[o]), as in ``matvec`` and ``dense``. All candidates of all
+        layers are ranked together and the k largest embedded, zero elsewhere, in the JAX
+        flat order (``layout()``). Cost: one eigh per factor plus O(k·d) for the vectors.
+        Ties (repeated products) are broken by the order of ``layout()`` and the factors'
+        ascending eigh order; any orthonormal basis of a tied eigenspace is as valid.
+        Computed on the host (numpy; not traceable under ``jit``); k = None builds (d, d).
+
+        Returns:
+          (eigenvalues (k,) descending, eigenvectors (k, d) orthonormal rows), in the
+          factors' dtype; eigenvalues equal ``eigenvalues(k)`` up to rounding.
+        """
+        k = _top_count(k, self.dim)
+        layout = self.layout()
+        factors = {}  # layer index -> (γ (O,), V (O, O), α (J,), U (J, J)), host numpy
+        values, where = [], []  # candidate eigenvalues; (slot in layout, i (A's; -1: bias), j (G's))
+        for slot, (name, leaf, _, _) in enumerate(layout):
+            l = self._index(name)
+            if l not in factors:  # numpy: small host eighs, no per-shape compilation
+                factors[l] = (*np.linalg.eigh(_host(self.G[l])), *np.linalg.eigh(_host(self.A[l])))
+            eg, _, ea, _ = factors[l]
+            if leaf == "bias":
+                values.append(eg)
+                where.append(np.stack([np.full(eg.size, slot), np.full(eg.size, -1), np.arange(eg.size)], 1))
+            else:
+                values.append(np.outer(ea, eg).ravel())
+                ii, jj = np.meshgrid(np.arange(ea.size), np.arange(eg.size), indexing="ij")
+                where.append(np.stack([np.full(ii.size, slot), ii.ravel(), jj.ravel()], 1))
+        values, where = np.concatenate(values), np.concatenate(where)
+        order = _descending_order(values, k)
+        vecs = np.zeros((k, self.dim), values.dtype)
+        for slot in np.unique(where[order, 0]):
+            rows = np.nonzero(where[order, 0] == slot)[0]
+            name, leaf, start, stop = layout[slot]
+            _, vg, _, ua = factors[self._index(name)]
+            i, j = where[order[rows], 1], where[order[rows], 2]
+            if leaf == "bias":
+                vecs[rows, start:stop] = vg[:, j].T  # (m, O)
+            else:  # kron(u_i, v_j) for each selected pair: (m, J, O) -> (m, J·O)
+                vecs[rows, start:stop] = (ua[:, i].T[:, :, None] * vg[:, j].T[:, None, :]).reshape(rows.size, -1)
+        dtype = self.G[0].dtype
+        return jnp.asarray(values[order], dtype), jnp.asarray(vecs, dtype)
+
+    def eigenvectors(self, k: int | None = None) -> jax.Array:
+        """The top-``k`` orthonormal eigenvectors as rows: (k, d) (``eigh(k)[1]``)."""
+        return self.eigh(k)[1]
 
     def trace(self) -> jax.Array:
         """Σ_l tr(G_l) (1 + tr(A_l))."""
