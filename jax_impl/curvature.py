@@ -210,6 +210,24 @@ class Curvature:
         density, grid = algorithms.spectral_density(nodes, weights, num_bins=num_bins, sigma_squared=sigma_squared)
         return grid, density
 
+    def blocks(self, spec="per-layer", k: int = 10, method: str = "lanczos", key=None,
+               num_samples: int = 100) -> dict:
+        """Top-k eigenvalues and the trace of each diagonal block (per layer by default).
+
+        ``spec``: "per-layer", "per-leaf", a list of layer names or paths ("Dense_0",
+        "Dense_0/kernel"), a filter ``f(path) -> bool``, or {block name: names or filter}
+        (see :func:`jax_impl.blocks.select`). ``method``: "lanczos" (``min(b, max(8 k, 80))``
+        matvecs of the b-dimensional block) or "exact" (dense block, b <= 2000). The trace is
+        exact (b matvecs) up to b = 2000, else Hutchinson with ``num_samples`` probes. Returns
+        {name: {"eigenvalues" (descending), "residuals", "trace", "trace_stderr",
+        "trace_method", "dim", "matvecs", "paths"}}; see :func:`jax_impl.blocks.block_spectra`.
+        """
+        from jax_impl import blocks
+
+        matrix = self.operator.name if self.operator.name in operators.OPERATORS else self.operator
+        return blocks.block_spectra(self.problem, spec, k=k, key=key, matrix=matrix, method=method,
+                                    num_samples=num_samples)
+
     def dense(self) -> np.ndarray:
         """The (d, d) matrix (memory checked first)."""
         return materialize.dense(self.operator)
