@@ -1,6 +1,6 @@
 """hessian-approx in JAX: curvature of neural-network losses (``import jax_impl as ha; ha.hessian(...)``).
 
-The front door (:mod:`jax_impl.curvature`) is loaded on first use, so ``import jax_impl.errors``
+The front door (:mod:`jax_impl.api`) is loaded on first use, so ``import jax_impl.errors``
 stays light.
 """
 
@@ -14,7 +14,7 @@ def __getattr__(name):
     import importlib
 
     if name in _API:
-        return getattr(importlib.import_module("jax_impl.curvature"), name)
+        return getattr(importlib.import_module("jax_impl.api"), name)
     if name in _ALGORITHMS:
         return getattr(importlib.import_module("jax_impl.algorithms"), name)
     raise AttributeError(f"module 'jax_impl' has no attribute {name!r}")

@@ -11,7 +11,7 @@ import numpy as np
 from jax_impl import algorithms, materialize, operators
 from jax_impl.algorithms.operator import Operator
 from jax_impl.errors import HessianApproxError
-from jax_impl.operators import Problem, _chunk_sum, live
+from jax_impl.operators import Problem, chunk_sum, live
 
 __all__ = ["EXACT_MAX_DIM", "TRACE_EXACT_MAX_DIM", "block_operator", "block_slices", "block_spectra",
            "param_paths", "select"]
@@ -193,7 +193,7 @@ def _subset_hvp(problem: Problem, chosen: list[str]) -> Callable:
     def matvec(v):
         s0, base = live((sub0, leaves))
         one = lambda c: jax.jvp(lambda s: g(s, base, c), (s0,), (v,))[1]
-        return _chunk_sum(one, problem.batches, jnp.zeros_like(v))
+        return chunk_sum(one, problem.batches, jnp.zeros_like(v))
 
     return matvec
 
@@ -211,7 +211,7 @@ def _subset_ggn_vp(problem: Problem, chosen: list[str]) -> Callable:
 
     def matvec(v):
         s0, base = live((sub0, leaves))
-        return _chunk_sum(lambda c: one(c, v, s0, base), problem.batches, jnp.zeros_like(v))
+        return chunk_sum(lambda c: one(c, v, s0, base), problem.batches, jnp.zeros_like(v))
 
     return matvec
 

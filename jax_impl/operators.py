@@ -15,7 +15,7 @@ from jax_impl.batches import Batches, batches_from_iterable, constrain, make_bat
 from jax_impl.errors import HessianApproxError
 
 __all__ = ["Batches", "Problem", "batches_from_iterable", "empirical_fisher_vp", "fisher_mc_vp", "ggn_vp",
-           "gradient", "hvp", "live", "loss", "make_batches", "OPERATORS"]
+           "chunk_sum", "gradient", "hvp", "live", "loss", "make_batches", "OPERATORS"]
 
 
 def live(tree):
@@ -28,7 +28,7 @@ def live(tree):
     return jax.lax.optimization_barrier(tree)
 
 
-def _chunk_sum(fn, batches: Batches, init):
+def chunk_sum(fn, batches: Batches, init):
     """sum_c fn(chunk_c) by lax.scan over the chunk axis."""
 
     def body(acc, chunk):
@@ -118,14 +118,14 @@ def params_dtype(params) -> np.dtype:
 def loss(problem: Problem):
     """The total loss L(θ) (a scalar)."""
     flat = problem.flat_params
-    return _chunk_sum(lambda c: problem.chunk_loss(flat, c), problem.batches, jnp.zeros((), flat.dtype))
+    return chunk_sum(lambda c: problem.chunk_loss(flat, c), problem.batches, jnp.zeros((), flat.dtype))
 
 
 def gradient(problem: Problem):
     """∇L(θ), flat (d,)."""
     flat = problem.flat_params
     g = jax.grad(problem.chunk_loss)
-    return _chunk_sum(lambda c: g(flat, c), problem.batches, jnp.zeros_like(flat))
+    return chunk_sum(lambda c: g(flat, c), problem.batches, jnp.zeros_like(flat))
 
 
 def hvp(problem: Problem) -> Operator:
@@ -139,7 +139,7 @@ def hvp(problem: Problem) -> Operator:
     def matvec(v):
         p0 = live(flat)
         one = lambda c: jax.jvp(lambda p: g(p, c), (p0,), (v,))[1]
-        return _chunk_sum(one, problem.batches, jnp.zeros_like(v))
+        return chunk_sum(one, problem.batches, jnp.zeros_like(v))
 
     return Operator(matvec, problem.dim, problem.dtype, psd=False, name="hessian")
 
@@ -169,7 +169,7 @@ def ggn_vp(problem: Problem) -> Operator:
         return jax.vjp(f, p0)[1](hjv)[0]
 
     def matvec(v):
-        return _chunk_sum(lambda c: one(c, v), problem.batches, jnp.zeros_like(v))
+        return chunk_sum(lambda c: one(c, v), problem.batches, jnp.zeros_like(v))
 
     return Operator(matvec, problem.dim, problem.dtype, psd=_convex_output_loss(problem), name="ggn")
 

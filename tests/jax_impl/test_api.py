@@ -1,4 +1,4 @@
-"""The front door (jax_impl.curvature): any Flax model or apply function, dtypes that follow the parameters.
+"""The front door (jax_impl.api): any Flax model or apply function, dtypes that follow the parameters.
 
 References are independent of the operators under test: ``jax.hessian`` of the plain mean loss
 (float64, where matvec-built and autodiff-built matrices agree to rounding, ~1e-14 relative;
