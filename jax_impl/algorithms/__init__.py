@@ -4,6 +4,8 @@ from jax_impl.algorithms.dense import eigh_descending, eigvalsh_descending
 from jax_impl.algorithms.hutchinson import hutchinson, hutchinson_diagonal, rademacher_probe, trace_pyhessian
 from jax_impl.algorithms.operator import Operator, as_operator
 from jax_impl.algorithms.lanczos import default_num_steps, lanczos, lanczos_tridiag, tridiagonal
+from jax_impl.algorithms.certified import adaptive_lanczos, certified_lanczos, certify, eigsh_reference
+from jax_impl.algorithms.block_lanczos import block_lanczos, block_lanczos_tridiag
 from jax_impl.algorithms.power import power_iteration, pyhessian_normalize
 from jax_impl.algorithms.results import DiagonalResult, EigResult, TraceResult
 from jax_impl.algorithms.slq import slq, spectral_density
@@ -13,9 +15,15 @@ __all__ = [
     "EigResult",
     "Operator",
     "TraceResult",
+    "adaptive_lanczos",
     "as_operator",
+    "block_lanczos",
+    "block_lanczos_tridiag",
+    "certified_lanczos",
+    "certify",
     "default_num_steps",
     "eigh_descending",
+    "eigsh_reference",
     "eigvalsh_descending",
     "hutchinson",
     "hutchinson_diagonal",

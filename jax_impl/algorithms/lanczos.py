@@ -1,4 +1,8 @@
-"""Lanczos tridiagonalization with full reorthogonalization, and top-k Ritz pairs from it."""
+"""Lanczos tridiagonalization with full reorthogonalization, and top-k Ritz pairs from it.
+
+Certified (explicit residuals, error bounds) and adaptive Lanczos build on the pieces here:
+see :mod:`jax_impl.algorithms.certified`; block Lanczos is in :mod:`jax_impl.algorithms.block_lanczos`.
+"""
 
 from __future__ import annotations
 
@@ -90,10 +94,54 @@ def lanczos_tridiag(
             f"num_steps={num_steps} Lanczos steps for a {dim}-dimensional operator",
             f"choose 1 <= num_steps <= {dim}",
         )
-    dtype = v0.dtype
     key = jax.random.PRNGKey(0) if key is None else key
     if breakdown_tol is None:
-        breakdown_tol = 10.0 * float(dim) ** 0.5 * float(jnp.finfo(dtype).eps)
+        breakdown_tol = default_breakdown_tol(dim, v0.dtype)
+    step = lanczos_step_fn(op, key, breakdown_tol, last_step=num_steps - 1)
+    init = lanczos_init_state(v0, num_steps)
+    basis, alphas, betas, _ = jax.lax.fori_loop(0, num_steps, step, init)
+    return basis[:num_steps], alphas, betas
+
+
+def default_breakdown_tol(dim: int, dtype) -> float:
+    """``10 * sqrt(dim) * eps(dtype)``: the relative breakdown threshold of :func:`lanczos_tridiag`."""
+    return 10.0 * float(dim) ** 0.5 * float(jnp.finfo(dtype).eps)
+
+
+def lanczos_init_state(v0: jax.Array, max_steps: int) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The loop state ``(basis, alphas, betas, scale)`` before step 0 of :func:`lanczos_step_fn`.
+
+    Args:
+      v0: ``(dim,)`` nonzero start vector (normalized here).
+      max_steps: ``m``, the most steps the state will hold.
+
+    Returns:
+      ``basis`` ``(m + 1, dim)`` with row 0 ``v0 / ||v0||`` and zero rows after it (row ``m``
+      is scratch for the next vector after the last step); ``alphas``, ``betas`` ``(m,)``
+      zeros; ``scale`` ``()`` 0, the running largest ``|alpha|``/``beta``.
+    """
+    dtype, dim = v0.dtype, v0.shape[0]
+    basis = jnp.zeros((max_steps + 1, dim), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
+    return basis, jnp.zeros(max_steps, dtype), jnp.zeros(max_steps, dtype), jnp.asarray(0, dtype)
+
+
+def lanczos_step_fn(op: Operator, key: jax.Array, breakdown_tol, last_step):
+    """The body ``step(i, state) -> state`` of :func:`lanczos_tridiag`'s loop, for reuse in chunks.
+
+    Step ``i`` reads ``basis[i]`` (and ``basis[i - 1]``), writes ``alphas[i]``, ``betas[i]``
+    and ``basis[i + 1]``; rows after ``i + 1`` stay zero, so the loop can stop after any
+    step and be resumed later (``lax.fori_loop(lo, hi, step, state)`` with traced bounds),
+    which is how :func:`jax_impl.algorithms.certified.adaptive_lanczos` grows the Krylov
+    space without recompiling. A breakdown at ``i < last_step`` restarts from a fresh vector
+    ``normal(fold_in(key, i))`` orthogonalized against the basis.
+
+    Args:
+      op: the symmetric :class:`Operator`.
+      key: PRNG key of breakdown restarts.
+      breakdown_tol: relative breakdown threshold (see :func:`lanczos_tridiag`).
+      last_step: index of the last step the state can hold (``max_steps - 1``); it never restarts.
+    """
+    dim, dtype = op.dim, op.dtype
 
     def fresh_vector(i, basis):
         r = jax.random.normal(jax.random.fold_in(key, i), (dim,), dtype)
@@ -110,21 +158,18 @@ def lanczos_tridiag(
         w = _reorthogonalize(w, basis)
         beta = jnp.linalg.norm(w)
         scale = jnp.maximum(scale, jnp.maximum(jnp.abs(alpha), beta))
-        broke = (beta <= breakdown_tol * scale) & (i < num_steps - 1)
+        broke = (beta <= breakdown_tol * scale) & (i < last_step)
         v_next = jax.lax.cond(
             broke,
             lambda: fresh_vector(i, basis),
             lambda: w / jnp.where(beta > 0, beta, 1).astype(dtype),
         )
-        basis = basis.at[i + 1].set(v_next)  # row num_steps is scratch
+        basis = basis.at[i + 1].set(v_next)  # row max_steps is scratch
         alphas = alphas.at[i].set(alpha)
         betas = betas.at[i].set(jnp.where(broke, 0, beta).astype(dtype))
         return basis, alphas, betas, scale
 
-    basis = jnp.zeros((num_steps + 1, dim), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
-    init = (basis, jnp.zeros(num_steps, dtype), jnp.zeros(num_steps, dtype), jnp.asarray(0, dtype))
-    basis, alphas, betas, _ = jax.lax.fori_loop(0, num_steps, step, init)
-    return basis[:num_steps], alphas, betas
+    return step
 
 
 def tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
@@ -142,6 +187,27 @@ def tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
 def default_num_steps(dim: int, k: int) -> int:
     """``min(dim, max(3 k, 40))``: the default Krylov dimension of :func:`lanczos`."""
     return min(int(dim), max(3 * int(k), 40))
+
+
+def lanczos_start(op: Operator, key: Optional[jax.Array],
+                  v0: Optional[jax.Array]) -> Tuple[jax.Array, Optional[jax.Array]]:
+    """``(v0, restart_key)`` as :func:`lanczos` draws them.
+
+    The start vector is ``normal(split(key)[0], (dim,))`` unless ``v0`` is given (then checked:
+    ``(dim,)`` of the operator's dtype); ``restart_key = split(key)[1]`` seeds breakdown
+    restarts, None when ``key`` is None (``lanczos_tridiag`` then uses ``PRNGKey(0)``).
+    """
+    restart_key = None
+    if v0 is None:
+        if key is None:
+            raise HessianApproxError("neither key nor v0 given", "pass a PRNG key or a start vector v0")
+        start_key, restart_key = jax.random.split(key)
+        v0 = jax.random.normal(start_key, (op.dim,), op.dtype)
+    else:
+        v0 = check_start(op, v0, (op.dim,))
+        if key is not None:
+            restart_key = jax.random.split(key)[1]
+    return v0, restart_key
 
 
 def lanczos(
@@ -209,17 +275,7 @@ def lanczos(
         raise HessianApproxError(
             f"num_steps={num_steps} is below k={k}", f"use num_steps >= {k} (a few times k is better)"
         )
-    restart_key = None
-    if v0 is None:
-        if key is None:
-            raise HessianApproxError("neither key nor v0 given", "pass a PRNG key or a start vector v0")
-        start_key, restart_key = jax.random.split(key)
-        v0 = jax.random.normal(start_key, (dim,), op.dtype)
-    else:
-        v0 = check_start(op, v0, (dim,))
-        if key is not None:
-            restart_key = jax.random.split(key)[1]
-
+    v0, restart_key = lanczos_start(op, key, v0)
     basis, alphas, betas = lanczos_tridiag(op, v0, num_steps, key=restart_key)
     theta, s = jnp.linalg.eigh(tridiagonal(alphas, betas))
     top = jnp.arange(num_steps - 1, num_steps - 1 - k, -1)

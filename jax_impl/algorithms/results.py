@@ -43,7 +43,12 @@ class EigResult:
         matvecs_per_pair: ``(k,)`` int or None; operator applications spent on each
             eigenpair (power iteration only).
         converged: ``(k,)`` bool or None; whether each eigenpair met its stopping
-            rule before the iteration limit (power iteration only).
+            rule before the iteration limit (power iteration; certified, adaptive and
+            block Lanczos: explicit residual within the tolerance).
+        error_bounds: ``(k,)`` or None; a bound on the distance from each eigenvalue
+            estimate to the nearest eigenvalue of the operator (certified, adaptive and
+            block Lanczos; see :mod:`jax_impl.algorithms.certified` for which bound and
+            when it holds).
     """
 
     eigenvalues: jax.Array
@@ -52,6 +57,7 @@ class EigResult:
     matvecs: jax.Array
     matvecs_per_pair: Optional[jax.Array] = None
     converged: Optional[jax.Array] = None
+    error_bounds: Optional[jax.Array] = None
 
     def sorted(self) -> "EigResult":
         """The same eigenpairs reordered by descending eigenvalue (jittable)."""
@@ -67,6 +73,7 @@ class EigResult:
                 matvecs=self.matvecs,
                 matvecs_per_pair=take(self.matvecs_per_pair),
                 converged=take(self.converged),
+                error_bounds=take(self.error_bounds),
         )
 
     def to_dict(self, include_eigenvectors: bool = False) -> dict:
@@ -85,6 +92,8 @@ class EigResult:
             out["matvecs_per_pair"] = _ints(self.matvecs_per_pair)
         if self.converged is not None:
             out["converged"] = [bool(c) for c in np.asarray(self.converged).tolist()]
+        if self.error_bounds is not None:
+            out["error_bounds"] = _floats(self.error_bounds)
         if include_eigenvectors:
             out["eigenvectors"] = _floats(self.eigenvectors)
         return out
