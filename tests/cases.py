@@ -68,10 +68,16 @@ class Case:
         """Flax initial parameters (seeded), biases and kernels perturbed so no symmetry hides an error.
 
         A fresh tree each call (the arrays are shared and immutable), so tests may edit it.
+        float64 needs 64-bit JAX (the ``x64`` fixture): without it the arrays would silently be
+        float32, so that is an error here.
         """
         import jax
 
-        return jax.tree_util.tree_map(lambda a: a, _init(self.arch, self.seed, dtype))
+        dtype = np.dtype(dtype).name
+        x64 = bool(jax.config.jax_enable_x64)
+        if np.dtype(dtype).itemsize > 4 and not x64:
+            raise RuntimeError(f"case {self.id}: {dtype} parameters need 64-bit JAX (use the x64 fixture)")
+        return jax.tree_util.tree_map(lambda a: a, _init(self.arch, self.seed, dtype, x64))
 
     def problem(self, dtype="float64", chunk_size: int = 1000, n: int | None = None):
         """operators.Problem on this case's data and parameters."""
@@ -84,7 +90,8 @@ class Case:
 
 
 @functools.lru_cache(maxsize=None)
-def _init(arch, seed, dtype):
+def _init(arch, seed, dtype, x64):
+    """Keyed on the 64-bit JAX state ``x64`` too: float32 parameters made with it on round differently."""
     import jax
     import jax.numpy as jnp
 

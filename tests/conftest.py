@@ -1,15 +1,25 @@
-"""Shared test setup: float64 available everywhere (float32 paths pass dtypes explicitly), data locations."""
+"""Shared test setup: 64-bit JAX only where a test asks for it, data locations.
+
+float32 is tested the way it runs in production: 64-bit JAX is off. A test that computes in
+float64 with JAX takes the ``x64`` fixture (``jax.enable_x64`` for that test only); a module
+that is float64 throughout sets ``pytestmark = pytest.mark.usefixtures("x64")``; a test
+parametrized over ``dtype`` uses ``x64_if_float64``. The autouse
+``x64_stays_off`` checks that no test leaves the process-wide switch on.
+"""
 
 import os
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-jax.config.update("jax_enable_x64", True)
-
 REPO = Path(__file__).resolve().parents[1]
+
+# Who may turn 64-bit JAX on process-wide: the command line's --dtype float64 (a CLI process
+# runs one configuration). Library code must not; tests use the x64 fixture instead.
+X64_SWITCH_ALLOWED = ("benchmarks.context",)
 
 
 def mnist_dir() -> Path | None:
@@ -33,6 +43,52 @@ def x64():
     """64-bit JAX for one test only (``jax.enable_x64``), so float32 tests run as in production."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture
+def x64_if_float64(request):
+    """64-bit JAX when the test's ``dtype`` parameter is float64 (any spelling: "float64",
+    np.float64, torch.float64); off otherwise, as in production."""
+    spec = getattr(request.node, "callspec", None)
+    dtype = spec.params.get("dtype") if spec is not None else None
+    with jax.enable_x64("float64" in str(dtype)):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def x64_stays_off():
+    """64-bit JAX is off, process-wide, before and after every test.
+
+    ``benchmarks.context.Context`` turns it on with ``jax.config.update`` for --dtype float64
+    (the command line's switch); tests doing that run under ``x64``, and the switch is turned
+    back off here so that it cannot leak into later tests. Any other caller of the switch
+    (library code must not flip it) fails the test.
+    """
+    if jax.enable_x64.get_global():
+        jax.config.update("jax_enable_x64", False)
+        pytest.fail("64-bit JAX was on process-wide before this test (set at import or by a "
+                    "module-scoped fixture); use the x64 fixture instead")
+    callers = []
+    update = jax.config.update
+
+    def recording_update(name, value, *args, **kwargs):
+        if name == "jax_enable_x64" and value:
+            callers.append(sys._getframe(1).f_globals.get("__name__", "?"))
+        return update(name, value, *args, **kwargs)
+
+    jax.config.update = recording_update  # an instance attribute over Config.update
+    yield
+    del jax.config.update
+    left_on = jax.enable_x64.get_global()
+    if left_on:
+        jax.config.update("jax_enable_x64", False)
+    others = sorted({c for c in callers if c not in X64_SWITCH_ALLOWED})
+    if others:
+        pytest.fail(f"jax_enable_x64 was switched on process-wide by {', '.join(others)}; only "
+                    f"{', '.join(X64_SWITCH_ALLOWED)} may (tests: use the x64 fixture)")
+    if left_on and not callers:
+        pytest.fail("64-bit JAX was left on process-wide (not through jax.config.update); "
+                    "use the x64 fixture instead")
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -25,7 +26,7 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def test_eigs_record_agrees_with_float64_eigh(capsys, tmp_path, ckpt):
+def test_eigs_record_agrees_with_float64_eigh(capsys, tmp_path, ckpt, x64):
     js = tmp_path / "eigs.json"
     code, out, err = run(capsys, "eigs", *SMALL, "--checkpoint", str(ckpt), "--dtype", "float64",
                          "-k", "5", "--json", str(js))
@@ -116,7 +117,7 @@ def test_dense_that_will_not_fit_is_refused_before_work(capsys, monkeypatch):
     assert "training" not in err  # refused before any training
 
 
-def test_approx_one_method_with_its_backpack_twin(capsys, tmp_path, ckpt):
+def test_approx_one_method_with_its_backpack_twin(capsys, tmp_path, ckpt, x64):
     pytest.importorskip("backpack", reason="the torch extra is not installed")
     js = tmp_path / "a.json"
     assert run(capsys, "approx", *SMALL, "--checkpoint", str(ckpt), "--method", "diag-h", "--dtype", "float64",
@@ -138,8 +139,10 @@ def test_cnn_from_a_layer_string_end_to_end(capsys, tmp_path):
     ck = tmp_path / "cnn.safetensors"
     assert run(capsys, "train", *CNN, "--out", str(ck))[0] == 0
     js = tmp_path / "e.json"
-    code, out, err = run(capsys, "eigs", "--dataset", "digits", "--hessian-samples", "60", "--checkpoint", str(ck),
-                         "--dtype", "float64", "-k", "4", "--methods", "exact,lanczos", "--json", str(js))
+    with jax.enable_x64(True):  # this run in float64; the others below in float32, with 64-bit JAX off
+        code, out, err = run(capsys, "eigs", "--dataset", "digits", "--hessian-samples", "60", "--checkpoint", str(ck),
+                             "--dtype", "float64", "-k", "4", "--methods", "exact,lanczos", "--json", str(js))
+    jax.config.update("jax_enable_x64", False)  # --dtype float64 switched it on process-wide, as for one CLI run
     assert code == 0, err
     rec = json.loads(js.read_text())
     validate(rec)

@@ -20,6 +20,7 @@ from torch_ref import pyhessian_runner  # noqa: E402
 SMALL = ["--dataset", "digits", "--hidden", "6", "--hessian-samples", "150", "--epochs", "3", "-k", "4"]
 
 
+@pytest.mark.usefixtures("x64_if_float64")
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
 def test_crosscheck_command(tmp_path, capsys, dtype, tol):
     js = tmp_path / "cc.json"
@@ -40,7 +41,7 @@ def test_crosscheck_command(tmp_path, capsys, dtype, tol):
     np.testing.assert_allclose(res["pyhessian"]["eigenvalues"][:2], res["exact"]["eigenvalues"][:2], rtol=2e-2)
 
 
-def test_jax_power_iteration_follows_pyhessian_iterates():
+def test_jax_power_iteration_follows_pyhessian_iterates(x64):
     ctx = Context(Options(dataset="digits", hidden=(6,), hessian_samples=100, epochs=3, dtype="float64"))
     model, x, y = twin(ctx)
     d = ctx.problem.dim

@@ -38,6 +38,8 @@ from tests.cases import CASES, CASES_ALL, Case, case, params  # noqa: E402
 from torch_ref.backpack_runner import run_backpack, standard_strides  # noqa: E402
 from torch_ref.models import build_twin  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("x64")  # float64 throughout
+
 RTOL = 1e-10
 Z = 5.0  # per-entry z bound; ~300 entries -> false alarm ~2e-4 under the null
 S = 160  # Monte-Carlo repetitions

@@ -23,6 +23,8 @@ from tests.cases import CASES_ALL, case, params  # noqa: E402
 from bridge.backpack import to_structure  # noqa: E402
 from torch_ref.backpack_runner import run_backpack  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("x64")  # float64 throughout
+
 RTOL = 1e-10
 EXACT = ("diag-ggn", "diag-h", "kflr", "kfra")
 

@@ -32,6 +32,8 @@ from torch_ref import exact  # noqa: E402
 from torch_ref import models as tmodels  # noqa: E402
 from torch_ref import pyhessian_runner  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("x64")  # float64 throughout
+
 TOL = 1e-10
 
 
@@ -137,7 +139,8 @@ def test_pyhessian_on_cnn_twin_follows_jax_power_iteration(c):
     ph = pyhessian_runner.top_eigenvalues(model, x, y, c.loss, k=k, max_iter=max_iter, tol=0.0,
                                           start_vectors=starts_torch)
     x_, y_ = jnp.asarray(x), jnp.asarray(y)
-    hvp = as_operator(lambda v: jax.jvp(jax.grad(lambda t: loss(t, x_, y_)), (theta0,), (v,))[1], dim=d)
+    hvp = as_operator(lambda v: jax.jvp(jax.grad(lambda t: loss(t, x_, y_)), (theta0,), (v,))[1], dim=d,
+                      dtype=theta0.dtype)
     v0 = jnp.asarray(permutation.to_jax_vector(starts_torch.T, c.arch).T)
     res = power_iteration(hvp, None, k=k, max_iter=max_iter, tol=0.0, v0=v0)
     assert ph["iterations"] == [max_iter] * k and list(np.asarray(res.matvecs_per_pair)) == [max_iter] * k

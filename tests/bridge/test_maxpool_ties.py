@@ -26,6 +26,8 @@ from tests.bridge.test_convert import random_params  # noqa: E402
 from tests.torch_ref.conftest import one_torch_thread  # noqa: E402,F401  (autouse: one torch thread)
 from torch_ref import models as tmodels  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("x64")  # float64 throughout
+
 
 def windows(x, g_shape, window, stride):
     """Yield ((b, i, j, c), window values (kh, kw), its top-left corner) for pool output entries."""

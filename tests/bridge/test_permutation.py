@@ -27,7 +27,7 @@ def torch_flat(model):
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
-def test_jax_layout_is_ravel_pytree_order(name):
+def test_jax_layout_is_ravel_pytree_order(name, x64):
     arch = ARCHS[name]
     params = random_params(arch)
     flat = np.asarray(ravel_pytree(params)[0])
@@ -44,7 +44,7 @@ def test_jax_layout_is_ravel_pytree_order(name):
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
-def test_permutation_maps_jax_flat_to_torch_flat_exactly(name):
+def test_permutation_maps_jax_flat_to_torch_flat_exactly(name, x64):
     arch = ARCHS[name]
     params = random_params(arch)
     jax_flat = np.asarray(ravel_pytree(params)[0])
@@ -85,7 +85,7 @@ def test_permutation_by_index_arithmetic():
 
 
 @pytest.mark.parametrize("name", ["mlp-12", "conv-11"])
-def test_gradients_agree_after_permutation(name):
+def test_gradients_agree_after_permutation(name, x64):
     """More than ten layers of a kind (sorted names): the JAX gradient, permuted, is torch's (float64, 1e-12)."""
     arch = ARCHS[name]
     params = random_params(arch, seed=7)

@@ -46,7 +46,7 @@ def assert_weights_are_the_files(model, arch, params):
 
 
 @pytest.mark.parametrize("name", ["cnn-same", "cnn-max", "mlp-12"])
-def test_jax_checkpoint_loads_in_torch(tmp_path, name):
+def test_jax_checkpoint_loads_in_torch(tmp_path, name, x64):
     arch = ARCHS[name]
     params = random_params(arch, np.float64, seed=1)
     path = tmp_path / "w.safetensors"
@@ -60,6 +60,7 @@ def test_jax_checkpoint_loads_in_torch(tmp_path, name):
     np.testing.assert_allclose(forward_torch(model, x), forward_jax(arch, params, x), rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.usefixtures("x64_if_float64")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_torch_file_loads_in_jax(tmp_path, dtype):
     torch.manual_seed(0)
@@ -93,7 +94,7 @@ def test_cnn_round_trip_through_torch(tmp_path):
     assert load_torch_twin(path)[2] == {"v": 2} and len(list(tmp_path.iterdir())) == 1
 
 
-def test_legacy_mlp_file_loads(tmp_path):
+def test_legacy_mlp_file_loads(tmp_path, x64):
     """A file of the first version: its "spec" is the MLP dict, its tensors Dense_i/kernel (in, out)."""
     params = random_params(MLP, seed=2)
     legacy = {"input_dim": 3, "hidden": [4, 3], "output_dim": 2, "activation": "tanh", "kind": "mlp"}

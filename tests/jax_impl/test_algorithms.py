@@ -27,12 +27,9 @@ from jax_impl.algorithms import (
 )
 from jax_impl.errors import HessianApproxError
 
-
-@pytest.fixture(autouse=True)
-def x64():
-    """float64 for this module only (a context manager, no global config change)."""
-    with jax.enable_x64(True):
-        yield
+# float64 for this module (jax.enable_x64 per test, no global config change); the float32
+# test at the end switches it off for its body, as in production.
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def sym_matrix(eigenvalues, seed=0):
@@ -427,14 +424,15 @@ def test_every_public_function_jits_to_the_same_answer():
 
 
 def test_float32_default_and_result_records():
-    a, _ = sym_matrix(np.linspace(0.0, 5.0, 20), seed=20)
-    mv = as_operator(jnp.asarray(a, jnp.float32))
-    res = lanczos(mv, KEY, k=2)
-    assert res.eigenvalues.dtype == jnp.float32
-    np.testing.assert_allclose(res.eigenvalues, [5.0, np.linspace(0.0, 5.0, 20)[-2]], rtol=1e-4)
-    power = power_iteration(mv, KEY, k=2, max_iter=30)
-    assert power.eigenvectors.dtype == jnp.float32
-    record = json.loads(json.dumps(power.to_dict(include_eigenvectors=True)))
-    assert set(record) >= {"eigenvalues", "residuals", "matvecs", "matvecs_per_pair", "converged", "eigenvectors"}
-    assert record["matvecs"] == sum(record["matvecs_per_pair"]) and len(record["eigenvectors"]) == 2
-    assert hutchinson(mv, KEY, num_samples=4).trace.dtype == jnp.float32
+    with jax.enable_x64(False):  # float32 as in production: 64-bit JAX off (the module turns it on)
+        a, _ = sym_matrix(np.linspace(0.0, 5.0, 20), seed=20)
+        mv = as_operator(jnp.asarray(a, jnp.float32))
+        res = lanczos(mv, KEY, k=2)
+        assert res.eigenvalues.dtype == jnp.float32
+        np.testing.assert_allclose(res.eigenvalues, [5.0, np.linspace(0.0, 5.0, 20)[-2]], rtol=1e-4)
+        power = power_iteration(mv, KEY, k=2, max_iter=30)
+        assert power.eigenvectors.dtype == jnp.float32
+        record = json.loads(json.dumps(power.to_dict(include_eigenvectors=True)))
+        assert set(record) >= {"eigenvalues", "residuals", "matvecs", "matvecs_per_pair", "converged", "eigenvectors"}
+        assert record["matvecs"] == sum(record["matvecs_per_pair"]) and len(record["eigenvectors"]) == 2
+        assert hutchinson(mv, KEY, num_samples=4).trace.dtype == jnp.float32

@@ -27,6 +27,8 @@ from jax_impl.materialize import dense
 from tests import cases
 from tests.cases import case
 
+pytestmark = pytest.mark.usefixtures("x64")  # float64 throughout
+
 # float64 throughout: rules and autodiff agree to ~1e-15 relative (measured <= 2e-15 on all
 # 30 cases); 1e-10 leaves room for summation order over samples, chunks and columns.
 RTOL = 1e-10

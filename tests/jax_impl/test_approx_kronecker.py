@@ -27,6 +27,8 @@ from jax_impl.materialize import dense
 from tests import cases
 from tests.jax_impl.test_approx import AVG, MAX, RTOL, SAME, Z, exact, flat_slices, problem, rel
 
+pytestmark = pytest.mark.usefixtures("x64")  # float64 throughout
+
 
 def ggn(prob):
     return np.asarray(dense(operators.ggn_vp(prob)))

@@ -20,6 +20,8 @@ from jax_impl.approx import network
 from jax_impl.approx.rules import RULES, Node, nodes, windows
 from tests.cases import case
 
+pytestmark = pytest.mark.usefixtures("x64")  # float64 throughout
+
 TOL = 1e-12
 
 

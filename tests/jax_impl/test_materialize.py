@@ -10,13 +10,13 @@ from jax_impl.materialize import check_fits, dense, dense_bytes
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 7, 50])
-def test_dense_recovers_matrix(chunk, rng):
+def test_dense_recovers_matrix(chunk, rng, x64):
     a = rng.normal(size=(13, 13))  # not symmetric: checks columns are not transposed
     got = dense(as_operator(jnp.asarray(a)), chunk_size=chunk)
     np.testing.assert_array_equal(got, a)
 
 
-def test_progress_reports_columns(rng):
+def test_progress_reports_columns(rng, x64):
     seen = []
     dense(as_operator(lambda v: v, dim=10, dtype=jnp.float64), chunk_size=4, progress=seen.append)
     assert seen == [4, 8, 10]

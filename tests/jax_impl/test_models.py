@@ -68,7 +68,7 @@ def test_study_mlp_has_7960_parameters():
     ("conv3k3s2p1-tanh-avgpool2-flatten-dense3", (9, 9, 2)),
     ("conv2k3x5same-relu-maxpool3x2s1x2-flatten-dense4", (7, 9, 3)),
 ])
-def test_forward_matches_numpy(text, shape, rng):
+def test_forward_matches_numpy(text, shape, rng, x64):
     arch = parse(text, shape)
     params = models.init_params(arch, jax.random.PRNGKey(1), jnp.float64)
     params = jax.tree_util.tree_map(lambda a: a + 0.05, params)  # nonzero biases
@@ -106,7 +106,7 @@ def test_unflatten_accepts_flat_and_nested_trees():
         models.unflatten_tree({"kernel": np.ones(2)})
 
 
-def test_layers_equal_flax_builtins(rng):
+def test_layers_equal_flax_builtins(rng, x64):
     """The im2col Conv2d and the window pools compute what nn.Conv, nn.max_pool and nn.avg_pool do."""
     import flax.linen as nn
 

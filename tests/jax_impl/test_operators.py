@@ -11,6 +11,8 @@ from jax_impl.errors import HessianApproxError
 from jax_impl.materialize import dense
 from tests.helpers import tiny_problem
 
+pytestmark = pytest.mark.usefixtures("x64")  # float64 throughout
+
 # float64 throughout: autodiff and the closed forms agree to ~1e-15 relative;
 # 1e-10 leaves room for summation order over samples and chunks.
 RTOL = 1e-10
