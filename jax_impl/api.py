@@ -147,9 +147,13 @@ class Curvature:
         return operators.gradient(self.problem)
 
     def eigenvalues(self, k: int = 10, method: str = "lanczos", key=None, num_steps=None,
-                    max_iter: int = 100, tol: float = 1e-3) -> algorithms.EigResult:
-        """Top-k eigenpairs: "lanczos" (default; descending Ritz pairs with residuals), "power"
-        (PyHessian's power iteration, ``max_iter`` and ``tol``) or "exact" (dense eigh).
+                    max_iter: int = 100, tol: Optional[float] = None, block_size: int = 10) -> algorithms.EigResult:
+        """Top-k eigenpairs, descending: "lanczos" (default; Ritz pairs with residual estimates),
+        "certified" (Lanczos plus k explicit residuals ‖Hy − θy‖, error bounds, converged flags),
+        "adaptive" (certified Lanczos grown until every residual <= ``tol``·|θ₁|; ``tol`` default
+        1e-6 in float64, 1.2e-4 in float32), "block" (block Lanczos, ``block_size`` vectors: finds
+        multiplicities), "power" (PyHessian's power iteration, ``max_iter``, ``tol`` default 1e-3)
+        or "exact" (dense eigh).
 
         Lanczos runs ``num_steps`` matvecs, default ``min(d, max(8 k, 80))``: network spectra
         below the outliers are clustered, and 40 steps left the 8th-10th of a LayerNorm MLP's
@@ -162,20 +166,36 @@ class Curvature:
         if method == "lanczos":
             return jax.jit(algorithms.lanczos, static_argnames=("op", "k", "num_steps"))(
                 self.operator, key, k=k, num_steps=num_steps)
+        if method == "certified":
+            return algorithms.certified_lanczos(self.operator, key, k=k, num_steps=num_steps, tol=tol)
+        if method == "adaptive":
+            return algorithms.adaptive_lanczos(self.operator, key, k=k, tol=tol)
+        if method == "block":
+            blocks = max(2, min(self.dim // block_size, -(-num_steps // block_size)))
+            return algorithms.block_lanczos(self.operator, key, k=k, block_size=block_size, num_blocks=blocks,
+                                            tol=tol)
         if method == "power":
             return jax.jit(algorithms.power_iteration, static_argnames=("op", "k", "max_iter"))(
-                self.operator, key, k=k, max_iter=max_iter, tol=tol).sorted()
+                self.operator, key, k=k, max_iter=max_iter, tol=1e-3 if tol is None else tol).sorted()
         if method == "exact":
             evals, evecs = algorithms.eigh_descending(jnp.asarray(self.dense()))
             top = evecs[:, :k].T
             return algorithms.EigResult(evals[:k], top, jnp.zeros(min(k, self.dim), self.dtype),
                                         jnp.asarray(self.dim, jnp.int32))
-        raise HessianApproxError(f"eigenvalue method {method!r} is not known", "use lanczos, power or exact")
+        raise HessianApproxError(f"eigenvalue method {method!r} is not known",
+                                 "use lanczos, certified, adaptive, block, power or exact")
 
     def trace(self, num_samples: int = 100, method: str = "hutchinson", key=None):
-        """The trace: "hutchinson" (TraceResult with stderr), "pyhessian" (its stopping rule,
-        tol 1e-3) or "exact" (a float, from the exact diagonal: d matvecs)."""
+        """The trace with ``num_samples`` matvecs: "hutchinson" (TraceResult with stderr), "hutchpp"
+        (Hutch++), "xtrace" (XTrace), "xnystrace" (XNysTrace, PSD operators only: the GGN),
+        "pyhessian" (Hutchinson with its stopping rule, tol 1e-3) or "exact" (a float, from the
+        exact diagonal: d matvecs)."""
         key = jax.random.PRNGKey(0) if key is None else key
+        if method in ("hutchpp", "xtrace", "xnystrace"):
+            from jax_impl.algorithms import sketch_trace
+
+            return jax.jit(getattr(sketch_trace, method), static_argnames=("op", "num_matvecs"))(
+                self.operator, key, num_matvecs=num_samples)
         if method == "hutchinson":
             return jax.jit(algorithms.hutchinson, static_argnames=("op", "num_samples"))(
                 self.operator, key, num_samples=num_samples)
@@ -184,11 +204,12 @@ class Curvature:
                 self.operator, key, max_iter=num_samples)
         if method == "exact":
             return float(np.sum(materialize.diagonal(self.operator)))
-        raise HessianApproxError(f"trace method {method!r} is not known", "use hutchinson, pyhessian or exact")
+        raise HessianApproxError(f"trace method {method!r} is not known",
+                                 "use hutchinson, hutchpp, xtrace, xnystrace, pyhessian or exact")
 
     def diagonal(self, method: str = "exact", num_samples: int = 100, key=None):
-        """The diagonal, flat (d,): "exact" (d matvecs, numpy), "hutchinson" (a DiagonalResult with
-        per-entry stderr) or a structured rule ("diag-h", "diag-ggn": exact and fast for
+        """The diagonal, flat (d,): "exact" (d matvecs, numpy), "hutchinson" or "xdiag" (a DiagonalResult
+        with per-entry stderr, ``num_samples`` matvecs) or a structured rule ("diag-h", "diag-ggn": exact and fast for
         architecture-described models)."""
         if method == "exact":
             return materialize.diagonal(self.operator)
@@ -196,10 +217,15 @@ class Curvature:
             key = jax.random.PRNGKey(0) if key is None else key
             return jax.jit(algorithms.hutchinson_diagonal, static_argnames=("op", "num_samples"))(
                 self.operator, key, num_samples=num_samples)
+        if method == "xdiag":
+            from jax_impl.algorithms.sketch_diag import xdiag
+
+            key = jax.random.PRNGKey(0) if key is None else key
+            return jax.jit(xdiag, static_argnames=("op", "num_matvecs"))(self.operator, key, num_matvecs=num_samples)
         if method in ("diag-h", "diag-ggn"):
             return self.approximation(method).diag
         raise HessianApproxError(f"diagonal method {method!r} is not known",
-                                 "use exact, hutchinson, diag-h or diag-ggn")
+                                 "use exact, hutchinson, xdiag, diag-h or diag-ggn")
 
     def density(self, num_steps: int = 100, num_runs: int = 1, key=None, num_bins: int = 10000,
                 sigma_squared: float = 1e-5):

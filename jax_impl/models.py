@@ -122,7 +122,10 @@ def make_apply(arch: Architecture) -> Callable:
 
 
 def cast_params(params, dtype):
-    """Cast every leaf of a parameter tree to ``dtype``."""
+    """Cast every leaf of a parameter tree to ``dtype`` (float64 needs 64-bit JAX: else a one-line error)."""
+    from jax_impl.algorithms.operator import check_float_dtype
+
+    dtype = check_float_dtype(dtype, "the parameters")
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
 
 

@@ -119,7 +119,12 @@ def as_operator(a, dim: Optional[int] = None, dtype=None, psd: bool = False,
             raise HessianApproxError("a matvec function was given without its dimension",
                                      "pass dim= (the length of the vectors it takes)")
         if dtype is None:
-            dtype = jax.eval_shape(a, jax.ShapeDtypeStruct((int(dim),), jnp.float32)).dtype
+            try:
+                dtype = jax.eval_shape(a, jax.ShapeDtypeStruct((int(dim),), jnp.float32)).dtype
+            except Exception as err:  # e.g. a jvp at float64 parameters refuses a float32 tangent
+                raise HessianApproxError(
+                    f"the dtype of the matvec could not be read by calling it on a float32 vector "
+                    f"({type(err).__name__})", "pass dtype= (the dtype of the vectors it takes)") from None
         return Operator(a, int(dim), dtype, psd, name or getattr(a, "__name__", "operator"))
     m = jnp.asarray(a)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:

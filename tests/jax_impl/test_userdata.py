@@ -230,12 +230,20 @@ def test_npz_images_feed_a_cnn(tmp_path):
 
     r = np.random.default_rng(2)
     nhwc = r.normal(size=(8, 6, 6, 2)).astype(np.float32)
-    ds = userdata.load_npz(_save(tmp_path, x=np.transpose(nhwc, (0, 3, 1, 2)), y=r.integers(0, 3, 8)))
-    assert ds.input_shape == (2, 6, 6)  # stored NCHW: an arch built elsewhere gets it transposed
-    arch = parse("conv3k3-relu-flatten-dense3", (6, 6, 2))
+    ds = userdata.load_npz(_save(tmp_path, x=nhwc, y=r.integers(0, 3, 8)))
+    assert ds.input_shape == (6, 6, 2) and ds.image_shape == (6, 6, 2)
+    arch = parse("conv3k3-relu-flatten-dense3", ds.image_shape)
     xs, ys = data.hessian_subset(ds.x_train, ds.y_train, 4, seed=0)
     x = models.as_inputs(arch, xs)
     idx = np.random.default_rng(0).choice(8, 4, replace=False)
     np.testing.assert_array_equal(x, nhwc[idx])
     params = models.init_params(arch, jax.random.PRNGKey(0))
     assert models.make_apply(arch)(params, x).shape == (4, ds.num_classes)
+
+
+def test_npz_images_channels_first_are_refused_with_the_transpose(tmp_path):
+    """An (N, C, H, W) file would build a CNN on the wrong axes; the error gives the transpose."""
+    x = np.zeros((8, 2, 6, 6), np.float32)
+    with pytest.raises(HessianApproxError, match=r"channels-first.*transpose\(0, 2, 3, 1\)") as err:
+        userdata.load_npz(_save(tmp_path, x=x, y=np.zeros(8, int)))
+    assert "\n" not in str(err.value)
