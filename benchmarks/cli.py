@@ -7,19 +7,22 @@ import sys
 
 from jax_impl.errors import HessianApproxError
 
-# Each computing command is a default selection of methods from the method table.
-APPROX = ("diag-ggn", "diag-ggn-mc", "diag-h", "kfac", "kflr", "kfra")  # = jax_impl.approx.APPROXIMATIONS (kept light: no JAX import for --help)
-COMMANDS = {
-    "eigs": ("top-k Hessian eigenvalues: exact, Lanczos, power iteration", ["exact", "lanczos", "power"]),
-    "trace": ("Hessian trace: exact and Hutchinson", ["exact", "hutchinson"]),
-    "density": ("spectral density by SLQ next to the exact eigenvalues", ["exact", "slq"]),
-    "approx": ("structured approximations (JAX and BackPACK) next to the exact Hessian and GGN",
-               ["exact", "ggn", "diag-ggn", "diag-ggn-mc", "diag-h", "kfac", "kflr", "kfra",
-                "backpack:diag-ggn", "backpack:diag-ggn-mc", "backpack:diag-h", "backpack:kfac",
-                "backpack:kflr", "backpack:kfra"]),
-    "crosscheck": ("JAX against PyTorch on the same weights: loss, gradient, Hvps, Hessian, PyHessian",
-                   ["exact", "torch:exact", "lanczos", "power", "pyhessian", "hutchinson", "pyhessian:trace"]),
+# Each computing command is a query on the method table (benchmarks.table: light, no JAX import).
+HELP = {
+    "eigs": "top-k Hessian eigenvalues: exact, Lanczos (plain and certified), power iteration",
+    "trace": "Hessian trace: exact, Hutchinson, Hutch++, XTrace; XNysTrace on the GGN",
+    "density": "spectral density by SLQ next to the exact eigenvalues",
+    "diag": "Hessian diagonal: exact (DiagH rules), Hutchinson, XDiag, BackPACK's DiagHessian",
+    "approx": "structured approximations (JAX and BackPACK) next to the exact Hessian and GGN",
+    "crosscheck": "JAX against PyTorch on the same weights: loss, gradient, Hvps, Hessian, PyHessian",
 }
+
+
+def default_methods(command: str) -> list[str]:
+    """The methods a command runs by default: the table's entries that name it."""
+    from benchmarks.table import names
+
+    return names(command=command)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -71,13 +74,21 @@ def add_method_flags(p: argparse.ArgumentParser, default_methods) -> None:
     g.add_argument("--power-max-iter", type=int, default=100, help="PyHessian's maxIter (default 100)")
     g.add_argument("--power-tol", type=float, default=1e-3, help="PyHessian's tol (default 1e-3)")
     g.add_argument("--lanczos-steps", type=int, default=None, help="Lanczos iterations (default: from k)")
-    g.add_argument("--hutchinson-samples", type=int, default=100, help="Rademacher probes (default 100)")
+    g.add_argument("--hutchinson-samples", type=int, default=100,
+                   help="matvecs of every stochastic trace and diagonal estimator, so they compare at equal cost "
+                        "(Hutchinson's probes; default 100)")
     g.add_argument("--slq-steps", type=int, default=100, help="Lanczos steps per SLQ run (default 100)")
     g.add_argument("--slq-runs", type=int, default=1, help="SLQ runs (PyHessian's n_v, default 1)")
     g.add_argument("--mc-samples", type=int, default=1, help="Monte-Carlo samples for diag-ggn-mc and kfac (default 1)")
     g.add_argument("--kfac-approx", default="backpack", choices=["backpack", "expand", "reduce"],
                    help="convention of the conv Kronecker factors of kfac, kflr, kfra (default backpack: "
                         "BackPACK 1.7.1's; expand/reduce: Eschenhagen et al. 2023; see README)")
+    g.add_argument("--tol", type=float, default=None,
+                   help="lanczos-certified: stop when every top-k explicit residual <= tol·|θ₁| "
+                        "(default max(1e-6, 1000 eps): 1e-6 in float64, 1.2e-4 in float32)")
+    g.add_argument("--block-size", type=int, default=10, help="block-lanczos: vectors per block (default 10)")
+    g.add_argument("--blocks", default="per-layer",
+                   help="blocks: per-layer (default), per-leaf, or layer names/paths such as Dense_0,Conv_1/kernel")
     g.add_argument("--pyhessian-trace-tol", type=float, default=1e-3,
                    help="PyHessian trace's tol (default 1e-3; 0 uses all --hutchinson-samples probes)")
 
@@ -89,17 +100,22 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the network and write a safetensors checkpoint")
     add_problem_flags(t, json_flag=False)
     t.add_argument("--out", required=True, help="checkpoint path to write (.safetensors)")
-    for name, (helptext, methods) in COMMANDS.items():
+    from benchmarks.table import approximations
+
+    for name, helptext in HELP.items():
         q = add_and_return(sub, name, helptext)
-        add_method_flags(q, methods)
+        add_method_flags(q, default_methods(name))
         if name == "approx":
-            q.add_argument("--method", default=None, choices=[*APPROX, "all"],
+            q.add_argument("--method", default=None, choices=[*approximations(), "all"],
                            help="one approximation (with BackPACK's counterpart, exact and GGN) or all")
     r = add_and_return(sub, "reproduce", json_flag=False, helptext="the study end to end: results.json, report.md and figures in --out")
     add_method_flags(r, [])
     r.add_argument("--out", default="out/reproduce", help="output directory (default out/reproduce)")
     r.add_argument("--sweep-samples", type=int, default=1000, help="largest probe count of the Hutchinson sweep")
     r.add_argument("--sweep-seeds", type=int, default=10, help="independent seeds of the Hutchinson sweep")
+    r.add_argument("--trace-study-matvecs", type=int, default=None,
+                   help="largest matvec budget of the trace-estimator study (default 384 for an mlp, 96 otherwise; 0 skips)")
+    r.add_argument("--trace-study-seeds", type=int, default=20, help="seeds of the trace-estimator study (default 20)")
     b = add_and_return(sub, "bench", json_flag=False, helptext="side-by-side timings JAX vs PyTorch, ratios against targets, width sweep")
     b.add_argument("--repeats", type=int, default=5, help="timed runs per item after a warm-up (default 5)")
     b.add_argument("--widths", type=_ints, default=(10, 32, 64, 128, 256), help="hidden widths of the sweep")
@@ -155,18 +171,21 @@ def run(args) -> int:
     if args.command == "reproduce":
         from benchmarks.reproduce import reproduce
 
-        record = reproduce(ctx, args.out, args.sweep_samples, args.sweep_seeds)
+        record = reproduce(ctx, args.out, args.sweep_samples, args.sweep_seeds, args.trace_study_matvecs,
+                           args.trace_study_seeds)
         print(rec.format_table(record))
         from benchmarks.report import report_markdown
 
         print("\n".join(l for l in report_markdown(rec.to_jsonable(record)).splitlines()
                          if l.startswith("- ") and ("held" in l or "checked" in l)))
-        log(f"wrote {args.out}/results.json, report.md and 4 figures")
+        log(f"wrote {args.out}/results.json, report.md and the figures")
         return 0
     requested = [m.strip() for m in args.methods.split(",") if m.strip()]
     if getattr(args, "method", None):
-        chosen = APPROX if args.method == "all" else (args.method,)
-        requested = ["exact", "ggn", *chosen, *(f"backpack:{m}" for m in chosen)]
+        from benchmarks.table import approximations, counterpart
+
+        chosen = approximations() if args.method == "all" else (args.method,)
+        requested = ["exact", "ggn", *chosen, *(counterpart(m) for m in chosen)]
     names, _ = resolve(requested)
     _ = ctx.subset  # a bad --hessian-samples fails here, before any training
     preflight(ctx, names)

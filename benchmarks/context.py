@@ -109,6 +109,9 @@ class Options:
     mc_samples: int = 1
     pyhessian_trace_tol: float = 1e-3
     kfac_approx: str = "backpack"
+    tol: float | None = None  # lanczos-certified: residual tolerance relative to |θ₁| (None: from the dtype)
+    block_size: int = 10  # block-lanczos
+    blocks: str = "per-layer"  # blocks: per-layer, per-leaf, or comma-separated layer names / paths
 
     def __post_init__(self):
         if self.dtype not in ("float32", "float64"):
@@ -125,6 +128,10 @@ class Options:
         if self.kfac_approx not in ("backpack", "expand", "reduce"):
             raise HessianApproxError(f"--kfac-approx {self.kfac_approx!r} is not known",
                                      "use backpack, expand or reduce")
+        if self.tol is not None and not 0 < self.tol < 1:
+            raise HessianApproxError(f"--tol is {self.tol}", "pass a relative tolerance in (0, 1), e.g. 1e-6")
+        if self.block_size < 1:
+            raise HessianApproxError(f"--block-size is {self.block_size}", "pass a positive number")
         if self.seed < 0:
             raise HessianApproxError(f"--seed is {self.seed}", "pass a seed >= 0")
         if self.epochs is not None and self.epochs < 1:

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.record import ran
-from jax_impl.approx import APPROXIMATIONS
+from benchmarks.table import approximations, counterpart
 from jax_impl.fileio import atomic_write
 
-APPROX = tuple(APPROXIMATIONS)
+APPROX = approximations()  # the table's structured approximations
 
 
 
@@ -40,7 +40,7 @@ def fig_top_eigenvalues(record: dict, path: Path, k: int = 10) -> None:
     idx = np.arange(1, k + 1)
     markers = dict(zip(ESTIMATORS, ("x", "+", "s", "^", "v")))
     groups = ([n for n in ESTIMATORS if ran(res.get(n))],
-              [n for a in APPROX for n in (a, f"backpack:{a}") if ran(res.get(n))])
+              [n for a in APPROX for n in (a, counterpart(a)) if ran(res.get(n))])
     for ax, names, title in zip(axes, groups, ("Matrix-free estimates and PyTorch", "Structured approximations")):
         if ran(res.get("exact")):
             ex = np.asarray(res["exact"]["eigenvalues"][:k])
@@ -145,8 +145,40 @@ def fig_density(record: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def fig_trace_study(record: dict, path: Path) -> None:
+    from benchmarks.trace_study import fig_trace_study as draw
+
+    draw(record["trace_study"], path)
+
+
+def fig_eigenvector_overlap(record: dict, path: Path) -> None:
+    """Subspace overlap of each approximation's top-k eigenvectors with the exact Hessian's (and GGN's)."""
+    plt = _plt()
+    res = record["results"]
+    names = [n for n in APPROX if ran(res.get(n)) and "eigenvectors" in res[n]]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    x = np.arange(len(names))
+    for off, ref, color in ((-0.2, "vs_hessian", "C0"), (0.2, "vs_ggn", "C1")):
+        vals = [res[n]["eigenvectors"].get(ref, {}).get("subspace_overlap", np.nan) for n in names]
+        ax.bar(x + off, vals, width=0.4, color=color, label=f"top-k of the exact {ref[3:].replace('_', ' ')}")
+    k = record["provenance"].get("num_params", 1)
+    kk = len(res.get("exact", {}).get("eigenvalues", [])) or 10
+    ax.axhline(kk / k, color="grey", ls=":", label=f"random subspace (k/d = {kk / k:.1e})")
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("subspace overlap ‖UᵀV‖²_F / k")
+    ax.set_title("Do the approximations point in the right directions? (1: same top-k subspace)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+
+
 FIGURES = {"fig1_top10_eigenvalues.png": fig_top_eigenvalues, "fig2_trace.png": fig_trace,
-           "fig3_hutchinson_samples.png": fig_hutchinson, "fig4_density.png": fig_density}
+           "fig3_hutchinson_samples.png": fig_hutchinson, "fig4_density.png": fig_density,
+           "fig5_trace_study.png": fig_trace_study, "fig6_eigenvector_overlap.png": fig_eigenvector_overlap}
+NEEDS = {"fig5_trace_study.png": lambda r: "trace_study" in r,
+         "fig6_eigenvector_overlap.png": lambda r: any("eigenvectors" in e for e in r["results"].values()
+                                                       if isinstance(e, dict))}
 
 
 def draw_all(record: dict, out_dir) -> list[Path]:
@@ -154,6 +186,8 @@ def draw_all(record: dict, out_dir) -> list[Path]:
     out = Path(out_dir)
     paths = []
     for name, fn in FIGURES.items():
+        if not NEEDS.get(name, lambda r: True)(record):
+            continue
         fn(record, out / name)
         paths.append(out / name)
     return paths

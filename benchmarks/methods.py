@@ -11,21 +11,23 @@ import numpy as np
 from jax_impl import algorithms
 
 METHODS: dict[str, Callable] = {}
-DESCRIPTIONS: dict[str, str] = {}
 CHECKS: dict[str, Callable] = {}
 
 
-def method(name: str, description: str, check: Callable | None = None):
-    """Register ``fn(ctx) -> dict`` under ``name`` in the method table.
+def method(name: str, check: Callable | None = None):
+    """Register ``fn(ctx) -> dict`` as the implementation of ``name`` from the method table.
 
+    The name, family, description and counterpart live in ``benchmarks.table``;
     ``check(ctx)``, when given, runs before any method of a command starts and
     raises HessianApproxError for inputs the method cannot take (e.g. a dense
     matrix that will not fit), so a command fails fast instead of half-way.
     """
+    from benchmarks.table import TABLE
+
+    assert name in TABLE and name not in METHODS, name
 
     def register(fn):
         METHODS[name] = fn
-        DESCRIPTIONS[name] = description
         if check is not None:
             CHECKS[name] = check
         return fn
@@ -95,17 +97,17 @@ def spectrum_entry(ctx, which: str) -> dict:
     return cache[which]
 
 
-@method("exact", "dense Hessian (chunked vmap of jvp-of-grad Hvps), all eigenvalues, trace", check_dense_fits)
+@method("exact", check_dense_fits)
 def exact(ctx):
     return spectrum_entry(ctx, "hessian")
 
 
-@method("ggn", "dense generalized Gauss-Newton (Jᵀ H_ell J), all eigenvalues, trace", check_dense_fits)
+@method("ggn", check_dense_fits)
 def ggn(ctx):
     return spectrum_entry(ctx, "ggn")
 
 
-@method("power", "power iteration with deflation over Hvps (PyHessian's algorithm and stopping rule)", check_k)
+@method("power", check_k)
 def power(ctx):
     o = ctx.options
     res, secs = timed(algorithms.power_iteration, ctx.hvp, ctx.key("power"),
@@ -116,7 +118,7 @@ def power(ctx):
             "settings": {"max_iter": o.power_max_iter, "tol": o.power_tol}}
 
 
-@method("lanczos", "Lanczos with full reorthogonalization over Hvps: top-k Ritz values", check_lanczos)
+@method("lanczos", check_lanczos)
 def lanczos(ctx):
     o = ctx.options
     res, secs = timed(algorithms.lanczos, ctx.hvp, ctx.key("lanczos"),
@@ -126,7 +128,7 @@ def lanczos(ctx):
             "seconds": secs}
 
 
-@method("hutchinson", "Hutchinson's trace estimator with Rademacher probes over Hvps")
+@method("hutchinson")
 def hutchinson(ctx):
     o = ctx.options
     res, secs = timed(algorithms.hutchinson, ctx.hvp, ctx.key("hutchinson"),
@@ -136,8 +138,7 @@ def hutchinson(ctx):
             "running_mean": d["running_mean"], "running_stderr": d["running_stderr"]}
 
 
-@method("slq", "stochastic Lanczos quadrature: spectral density nodes and weights (PyHessian's conventions)",
-        check_slq)
+@method("slq", check_slq)
 def slq(ctx):
     o = ctx.options
     (nodes, weights), secs = timed(algorithms.slq, ctx.hvp, ctx.key("slq"),
@@ -167,11 +168,12 @@ def run_methods(ctx, names, record: dict, on_error: str = "raise") -> dict:
     method's ``error`` and the others still run; by default it propagates.
     """
     from benchmarks.context import log
+    from benchmarks.table import TABLE
     from jax_impl.errors import HessianApproxError
 
     preflight(ctx, names)
     for name in names:
-        log(f"running {name}: {DESCRIPTIONS[name]}")
+        log(f"running {name}: {TABLE[name].description}")
         try:
             record["results"][name] = METHODS[name](ctx)
         except HessianApproxError as err:

@@ -8,17 +8,8 @@ import jax
 import numpy as np
 
 from benchmarks.methods import method
+from benchmarks.table import approximations
 from jax_impl.approx import APPROXIMATIONS
-
-DESCRIPTIONS = {
-    "diag-ggn": "diagonal of the exact GGN (BackPACK DiagGGNExact)",
-    "diag-ggn-mc": "Monte-Carlo diagonal of the GGN (BackPACK DiagGGNMC, --mc-samples)",
-    "diag-h": "exact Hessian diagonal without the Hessian (BackPACK DiagHessian)",
-    "kfac": "Kronecker factors, Monte-Carlo loss-Hessian square root (BackPACK KFAC)",
-    "kflr": "Kronecker factors, exact loss-Hessian square root (BackPACK KFLR)",
-    "kfra": "Kronecker factors, recursive batch-averaged Hessian (BackPACK KFRA, Botev et al. 2017)",
-}
-
 
 KRONECKER = ("kfac", "kflr", "kfra")
 
@@ -42,6 +33,31 @@ def jax_approximation(ctx, name: str):
     return cache[name]
 
 
+def exact_eigenvectors(ctx, which: str) -> np.ndarray:
+    """The exact top-k eigenvectors (k, d) of the dense Hessian or GGN, cached on ctx."""
+    from jax_impl.approx.agreement import top_eigenvectors
+
+    cache = ctx.__dict__.setdefault("_top_vectors", {})
+    if which not in cache:
+        matrix = (ctx.hessian if which == "hessian" else ctx.ggn)[0]
+        cache[which] = top_eigenvectors(matrix, ctx.options.k)[1]
+    return cache[which]
+
+
+def eigenvector_overlaps(ctx, struct) -> dict:
+    """{vs_hessian, vs_ggn: eigenvector_agreement} when the dense matrices fit, else a note."""
+    from jax_impl.approx.agreement import eigenvector_agreement
+    from jax_impl.errors import HessianApproxError
+    from benchmarks.methods import check_dense_fits
+
+    try:
+        check_dense_fits(ctx)
+    except HessianApproxError as err:
+        return {"note": f"not computed: {err.problem}"}
+    k = ctx.options.k
+    return {f"vs_{w}": eigenvector_agreement(struct, exact_eigenvectors(ctx, w), k) for w in ("hessian", "ggn")}
+
+
 def _register(name: str):
     def run(ctx):
         struct, secs = jax_approximation(ctx, name)
@@ -49,10 +65,11 @@ def _register(name: str):
                  if name in ("diag-ggn-mc", "kfac") else None}
         if name in KRONECKER:
             entry["kfac_approx"] = ctx.options.kfac_approx
+        entry["eigenvectors"] = eigenvector_overlaps(ctx, struct)
         return entry
 
-    method(name, f"JAX: {DESCRIPTIONS[name]}")(run)
+    method(name)(run)
 
 
-for _name in APPROXIMATIONS:
+for _name in approximations():
     _register(_name)

@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from benchmarks.methods import check_k, check_slq, method, slq_entry
+from benchmarks.table import approximations
 
 
 def twin(ctx):
@@ -43,8 +44,7 @@ def check_torch_dense(ctx) -> None:
     check_memory(ctx.arch.num_params, np.dtype(ctx.options.dtype).itemsize)
 
 
-@method("torch:exact", "PyTorch: dense Hessian by autodiff twice (fastest of torch.func/autograd/loop), eigvalsh, trace",
-        check_torch_dense)
+@method("torch:exact", check_torch_dense)
 def torch_exact(ctx):
     import torch
 
@@ -59,7 +59,7 @@ def torch_exact(ctx):
             "seconds_eigh": t_eig, "matvecs": int(h.shape[0]), "hessian_method": default_method(twin(ctx)[0])}
 
 
-@method("pyhessian", "PyHessian: top-k eigenvalues by power iteration with deflation", check_k)
+@method("pyhessian", check_k)
 def pyhessian_eigs(ctx):
     from torch_ref import pyhessian_runner
 
@@ -72,7 +72,7 @@ def pyhessian_eigs(ctx):
             "seconds": r["seconds"], "settings": r["settings"]}
 
 
-@method("pyhessian:trace", "PyHessian: Hutchinson trace with its own stopping rule (maxIter, tol)")
+@method("pyhessian:trace")
 def pyhessian_trace(ctx):
     from torch_ref import pyhessian_runner
 
@@ -86,7 +86,7 @@ def pyhessian_trace(ctx):
             "seconds": r["seconds"], "settings": r["settings"]}
 
 
-@method("pyhessian:density", "PyHessian: SLQ density (through the torch.eig compatibility layer)", check_slq)
+@method("pyhessian:density", check_slq)
 def pyhessian_density(ctx):
     from torch_ref import pyhessian_runner
 
@@ -117,7 +117,7 @@ def backpack_structure(ctx, name: str):
 
 
 def _register_backpack(name: str):
-    from benchmarks.methods_approx import DESCRIPTIONS, jax_approximation, structure_entry
+    from benchmarks.methods_approx import jax_approximation, structure_entry
 
     def run(ctx):
         from bridge import metrics
@@ -138,8 +138,8 @@ def _register_backpack(name: str):
                                     "they differ by design on convolutions")
         return entry
 
-    method(f"backpack:{name}", f"BackPACK: {DESCRIPTIONS[name]}")(run)
+    method(f"backpack:{name}")(run)
 
 
-for _name in ("diag-ggn", "diag-ggn-mc", "diag-h", "kfac", "kflr", "kfra"):
+for _name in approximations():
     _register_backpack(_name)

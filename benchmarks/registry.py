@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import functools
 
+from benchmarks.table import TABLE
 from jax_impl.errors import HessianApproxError
-
-TORCH_PREFIXES = ("torch:", "pyhessian", "backpack:")
 
 
 def is_torch_method(name: str) -> bool:
-    return name.startswith(TORCH_PREFIXES)
+    return TABLE[name].framework == "torch" if name in TABLE else False
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,12 +29,13 @@ def load() -> dict:
     """Import the method modules; returns the method table."""
     import benchmarks.methods as m
 
-    try:
-        import benchmarks.methods_approx  # noqa: F401
-    except ImportError:  # pragma: no cover - while the approximations are absent
-        pass
+    import benchmarks.methods_approx  # noqa: F401
+    import benchmarks.methods_estimators  # noqa: F401
     if torch_available() is None:
         import benchmarks.methods_torch  # noqa: F401
+    missing = [n for n, e in TABLE.items() if n not in m.METHODS
+               and (e.framework == "jax" or torch_available() is None)]
+    assert not missing, f"method-table entries without an implementation: {missing}"
     return m.METHODS
 
 
@@ -57,5 +57,5 @@ def resolve(names, missing_torch: str = "error") -> tuple[list[str], dict]:
         elif name in table:
             run.append(name)
         else:
-            raise HessianApproxError(f"unknown method {name!r}", f"choose from {', '.join(table)}")
+            raise HessianApproxError(f"unknown method {name!r}", f"choose from {', '.join(TABLE)}")
     return run, skipped

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks.record import ran
-from jax_impl.approx import APPROXIMATIONS
+from benchmarks.table import approximations, counterpart
 
-APPROX = tuple(APPROXIMATIONS)
+APPROX = approximations()  # the table's structured approximations
 
 
 
@@ -136,18 +136,32 @@ def report_markdown(record: dict) -> str:
     for text, held, why in findings(record):
         verdict = {True: "**held**", False: "**did not hold**", None: "**not checked**"}[held]
         lines.append(f"- {text}: {verdict} — {why}.")
-    lines += ["", "## Every method", "", "| method | top eigenvalue | trace | rel. err top-10 | rel. err trace | Hvps | seconds |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "## Every method", "", "| method | top eigenvalue | trace | rel. err top-10 | rel. err trace | "
+              "top-k eigenvector overlap (H / GGN) | Hvps | seconds |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     comps = record.get("comparisons", {})
     for name, e in record["results"].items():
         if not ran(e):
-            lines.append(f"| {name} | not run: {e.get('error') or e.get('reason', '')} | | | | | |")
+            lines.append(f"| {name} | not run: {e.get('error') or e.get('reason', '')} | | | | | | |")
             continue
         c = comps.get(name, {})
         eig = e.get("eigenvalues") or [None]
+        ev = e.get("eigenvectors", {})
+        overlap = " / ".join(_g(ev.get(r, {}).get("subspace_overlap"), "{:.3f}") for r in ("vs_hessian", "vs_ggn")) \
+            if ev else ""
         lines.append(f"| {name} | {_g(eig[0])} | {_g(e.get('trace'))} | {_g(c.get('max_rel_err_topk'), '{:.2e}')} | "
-                     f"{_g(c.get('rel_err_trace'), '{:.2e}')} | {_g(e.get('matvecs'), '{}')} | {_g(e.get('seconds'), '{:.3f}')} |")
+                     f"{_g(c.get('rel_err_trace'), '{:.2e}')} | {overlap} | {_g(e.get('matvecs'), '{}')} | "
+                     f"{_g(e.get('seconds'), '{:.3f}')} |")
+    if any("eigenvectors" in e for e in record["results"].values() if isinstance(e, dict)):
+        lines += ["", "Eigenvector overlap: ‖UᵀV‖²_F / k between the approximation's top-k eigenvectors (from its "
+                  "factors) and the exact Hessian's (GGN's) top-k; 1 is the same subspace, k/d a random one "
+                  "(Gur-Ari et al. 2018). Figure `fig6_eigenvector_overlap.png`."]
+    if "trace_study" in record:
+        from benchmarks.trace_study import report_section
+
+        lines += ["", *report_section(record["trace_study"]).splitlines()]
     lines += ["", "Figures: `fig1_top10_eigenvalues.png`, `fig2_trace.png`, `fig3_hutchinson_samples.png`, "
-              "`fig4_density.png`. Times include compilation (JAX) and are single runs; see `hessian-approx bench` "
+              "`fig4_density.png`" + (", `fig5_trace_study.png`" if "trace_study" in record else "")
+              + ". Times include compilation (JAX) and are single runs; see `hessian-approx bench` "
               "for medians after a warm-up.", ""]
     return "\n".join(lines)

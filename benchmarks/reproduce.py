@@ -16,12 +16,13 @@ from jax_impl import algorithms
 from jax_impl.checkpoint import save_checkpoint
 from jax_impl.fileio import atomic_write
 
-from jax_impl.approx import APPROXIMATIONS
+from benchmarks.table import approximations, counterpart
 from jax_impl.errors import HessianApproxError
 
-APPROX = tuple(APPROXIMATIONS)
+APPROX = approximations()
+# the study's methods: its estimators with their counterparts, and every structured approximation with BackPACK's
 METHODS = ["exact", "torch:exact", "ggn", "lanczos", "power", "pyhessian", "hutchinson", "pyhessian:trace",
-           "slq", "pyhessian:density", *APPROX, *(f"backpack:{n}" for n in APPROX)]
+           "slq", "pyhessian:density", *APPROX, *(counterpart(n) for n in APPROX)]
 
 
 def sweep_grid(max_samples: int, points: int = 30) -> np.ndarray:
@@ -51,8 +52,17 @@ def hutchinson_sweep(ctx, max_samples: int = 1000, seeds: int = 10) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
-def reproduce(ctx: Context, out_dir, sweep_samples: int = 1000, sweep_seeds: int = 10) -> dict:
-    """Run the study into ``out_dir``: results.json, report.md, four figures, model.safetensors."""
+# Largest budget of the trace-estimator study: CNN matvecs cost ~40x an MLP's (see DEFAULT_SAMPLES)
+TRACE_STUDY_MATVECS = {"mlp": 384, "cnn": 96}
+
+
+def reproduce(ctx: Context, out_dir, sweep_samples: int = 1000, sweep_seeds: int = 10,
+              trace_study_matvecs: int | None = None, trace_study_seeds: int = 20) -> dict:
+    """Run the study into ``out_dir``: results.json, report.md, six figures, model.safetensors.
+
+    ``trace_study_matvecs``: largest budget of the trace-estimator study (None: 384 for an MLP,
+    96 otherwise; 0 skips it), over ``trace_study_seeds`` seeds.
+    """
     from benchmarks.figures import draw_all
     from benchmarks.report import report_markdown
 
@@ -73,6 +83,14 @@ def reproduce(ctx: Context, out_dir, sweep_samples: int = 1000, sweep_seeds: int
         record["results"][name] = {"status": "not run", "reason": why}
     log(f"Hutchinson sweep: 1..{sweep_samples} probes x {sweep_seeds} seeds")
     record["hutchinson_sweep"] = hutchinson_sweep(ctx, sweep_samples, sweep_seeds)
+    if trace_study_matvecs is None:
+        trace_study_matvecs = TRACE_STUDY_MATVECS["mlp" if ctx.arch.is_mlp else "cnn"]
+    if trace_study_matvecs:
+        from benchmarks.trace_study import trace_study
+
+        log(f"trace-estimator study: up to {trace_study_matvecs} matvecs x {trace_study_seeds} seeds")
+        record["trace_study"] = trace_study(ctx, trace_study_matvecs, trace_study_seeds,
+                                            torch_ok="pyhessian:trace" not in skipped, progress=log)
     record["comparisons"] = rec.compare_to_reference(record, "exact", ctx.options.k)
     if not skipped and "torch:exact" in names:
         from benchmarks.crosscheck import crosscheck

@@ -9,10 +9,13 @@ from jax_impl.algorithms.block_lanczos import block_lanczos, block_lanczos_tridi
 from jax_impl.algorithms.power import power_iteration, pyhessian_normalize
 from jax_impl.algorithms.results import DiagonalResult, EigResult, TraceResult
 from jax_impl.algorithms.slq import slq, spectral_density
+from jax_impl.algorithms.sketch_diag import xdiag
+from jax_impl.algorithms.sketch_trace import SketchTraceResult, hutchpp, sphere_probe, xnystrace, xtrace
 
 __all__ = [
     "DiagonalResult",
     "EigResult",
+    "SketchTraceResult",
     "Operator",
     "TraceResult",
     "adaptive_lanczos",
@@ -27,6 +30,7 @@ __all__ = [
     "eigvalsh_descending",
     "hutchinson",
     "hutchinson_diagonal",
+    "hutchpp",
     "lanczos",
     "lanczos_tridiag",
     "power_iteration",
@@ -34,6 +38,10 @@ __all__ = [
     "rademacher_probe",
     "slq",
     "spectral_density",
+    "sphere_probe",
     "trace_pyhessian",
     "tridiagonal",
+    "xdiag",
+    "xnystrace",
+    "xtrace",
 ]
