@@ -1,4 +1,4 @@
-"""Matrix-free algorithms on an Operator: power iteration, Lanczos, Hutchinson, SLQ, dense eigh."""
+"""Matrix-free algorithms on an Operator: power iteration, Lanczos (plain, certified, adaptive, block), Hutchinson, Hutch++, XTrace, XNysTrace, XDiag, SLQ, dense eigh."""
 
 from jax_impl.algorithms.dense import eigh_descending, eigvalsh_descending
 from jax_impl.algorithms.hutchinson import hutchinson, hutchinson_diagonal, rademacher_probe, trace_pyhessian
