@@ -162,6 +162,8 @@ def report_markdown(record: dict) -> str:
         lines += ["", *report_section(record["trace_study"]).splitlines()]
     lines += ["", "Figures: `fig1_top10_eigenvalues.png`, `fig2_trace.png`, `fig3_hutchinson_samples.png`, "
               "`fig4_density.png`" + (", `fig5_trace_study.png`" if "trace_study" in record else "")
+              + (", `fig6_eigenvector_overlap.png`" if any("eigenvectors" in e for e in record["results"].values()
+                                                          if isinstance(e, dict)) else "")
               + ". Times include compilation (JAX) and are single runs; see `hessian-approx bench` "
               "for medians after a warm-up.", ""]
     return "\n".join(lines)
