@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	HESSIAN_APPROX_DATA="$(DATA)" $(PY) -m pytest -q
+	HESSIAN_APPROX_DATA="$(DATA)" $(PY) -m pytest -q -n 2
 
 reproduce: install
 	HESSIAN_APPROX_DATA="$(DATA)" $(VENV)/bin/hessian-approx reproduce --out $(OUT)

@@ -13,9 +13,10 @@ from benchmarks.report import summary_rows
 from benchmarks.schema import validate
 
 SMALL = ["--dataset", "digits", "--hidden", "6", "--hessian-samples", "120", "--epochs", "3", "-k", "5",
-         "--sweep-samples", "40", "--sweep-seeds", "3", "--slq-steps", "20", "--hutchinson-samples", "30"]
+         "--sweep-samples", "40", "--sweep-seeds", "3", "--slq-steps", "20", "--hutchinson-samples", "30",
+         "--trace-study-matvecs", "12", "--trace-study-seeds", "2"]  # the study's own tests: test_trace_study
 FILES = ["results.json", "report.md", "model.safetensors", "fig1_top10_eigenvalues.png", "fig2_trace.png",
-         "fig3_hutchinson_samples.png", "fig4_density.png"]
+         "fig3_hutchinson_samples.png", "fig4_density.png", "fig5_trace_study.png", "fig6_eigenvector_overlap.png"]
 
 
 def numbers_in_report_table(text: str) -> list[list[str]]:
