@@ -4,7 +4,8 @@ from jax_impl.algorithms.dense import eigh_descending, eigvalsh_descending
 from jax_impl.algorithms.hutchinson import hutchinson, hutchinson_diagonal, rademacher_probe, trace_pyhessian
 from jax_impl.algorithms.operator import Operator, as_operator
 from jax_impl.algorithms.lanczos import default_num_steps, lanczos, lanczos_tridiag, tridiagonal
-from jax_impl.algorithms.certified import adaptive_lanczos, certified_lanczos, certify, eigsh_reference
+from jax_impl.algorithms.certified import adaptive_lanczos, certified_lanczos, certify
+from jax_impl.algorithms.eigsh import eigsh_reference
 from jax_impl.algorithms.block_lanczos import block_lanczos, block_lanczos_tridiag
 from jax_impl.algorithms.power import power_iteration, pyhessian_normalize
 from jax_impl.algorithms.results import DiagonalResult, EigResult, TraceResult

@@ -1,4 +1,4 @@
-"""Certified top-k eigenpairs: explicit residuals, error bounds, adaptive Lanczos, an ARPACK reference.
+"""Certified top-k eigenpairs: explicit residuals, error bounds, adaptive Lanczos (ARPACK reference: eigsh.py).
 
 A Ritz pair ``(theta, y)`` (``||y|| = 1``) of a symmetric ``A`` with residual
 ``r = A y - theta y`` certifies eigenvalues of ``A`` two ways (Parlett, "The Symmetric
@@ -56,6 +56,7 @@ from jax_impl.algorithms.lanczos import (
     lanczos_tridiag,
     tridiagonal,
 )
+from jax_impl.algorithms.eigsh import eigsh_reference  # noqa: F401  (re-exported: its former home)
 from jax_impl.algorithms.operator import Operator, require_operator
 from jax_impl.algorithms.results import EigResult
 from jax_impl.errors import HessianApproxError
@@ -371,51 +372,3 @@ def adaptive_lanczos(op: Operator, key: Optional[jax.Array], k: int = 10, tol: O
             extra += k
             fails += 1  # estimates passed, explicit residuals did not: back off before re-checking
             next_check = m + step_increment * 2 ** fails
-
-
-def eigsh_reference(op: Operator, k: int, tol: float = 0.0, *, key: Optional[jax.Array] = None,
-                    ncv: Optional[int] = None, maxiter: Optional[int] = None) -> Tuple[np.ndarray, int]:
-    """SciPy's ``eigsh`` (ARPACK, implicitly restarted Lanczos) on an Operator, counting matvecs.
-
-    A numpy-side reference for matvec counts, not a JAX algorithm: the operator is wrapped
-    in a ``scipy.sparse.linalg.LinearOperator`` whose matvec calls a jitted ``op`` and
-    counts columns. ARPACK's stopping rule is relative per pair, ``||r_i|| <= tol |theta_i|``
-    (``tol = 0``: machine precision), stricter than :func:`adaptive_lanczos`'s
-    ``tol * max_j |theta_j|`` for the smaller of the top-k.
-
-    Args:
-      op: symmetric :class:`Operator` (a float64 one needs 64-bit JAX on, as it was built).
-      k: number of largest algebraic eigenvalues (``which="LA"``), ``k < dim``.
-      tol: ARPACK's relative tolerance.
-      key: PRNG key of the start vector ``normal(key, (dim,))``; default
-        ``numpy.random.default_rng(0)`` (ARPACK's own random start differs call to call).
-      ncv: Lanczos vectors kept (ARPACK default ``min(dim, max(2 k + 1, 20))``).
-      maxiter: restart limit (ARPACK default ``10 dim``).
-
-    Returns:
-      ``(eigenvalues (k,) descending float64 numpy, matvecs)``.
-
-    References:
-      Lehoucq, Sorensen, Yang, "ARPACK Users' Guide", SIAM 1998.
-    """
-    from scipy.sparse.linalg import LinearOperator, eigsh
-
-    op = require_operator(op, "eigsh_reference")
-    dim = op.dim
-    if not 1 <= int(k) < dim:
-        raise HessianApproxError(f"eigsh needs 1 <= k < dim, got k={k} for dim {dim}", f"choose k < {dim}")
-    count = [0]
-    mv = jax.jit(op)
-
-    def matvec(x):
-        count[0] += 1
-        return np.asarray(mv(jnp.asarray(np.ravel(x), op.dtype)))
-
-    lin = LinearOperator((dim, dim), matvec=matvec, dtype=op.dtype)
-    if key is not None:
-        start = np.asarray(jax.random.normal(key, (dim,), op.dtype))
-    else:
-        start = np.random.default_rng(0).standard_normal(dim).astype(op.dtype)
-    values = eigsh(lin, k=int(k), which="LA", tol=tol, v0=start, ncv=ncv, maxiter=maxiter,
-                   return_eigenvectors=False)
-    return np.sort(np.asarray(values, np.float64))[::-1], count[0]

@@ -17,7 +17,8 @@ import jax_impl as ha
 import jax_impl.models
 from jax_impl.algorithms import EigResult, as_operator
 from jax_impl.algorithms.block_lanczos import block_lanczos
-from jax_impl.algorithms.certified import adaptive_lanczos, certified_lanczos, certify, eigsh_reference
+from jax_impl.algorithms.certified import adaptive_lanczos, certified_lanczos, certify
+from jax_impl.algorithms.eigsh import eigsh_reference
 from jax_impl.errors import HessianApproxError
 
 KEY = jax.random.PRNGKey(0)
