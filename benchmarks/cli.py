@@ -116,6 +116,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--trace-study-matvecs", type=int, default=None,
                    help="largest matvec budget of the trace-estimator study (default 384 for an mlp, 96 otherwise; 0 skips)")
     r.add_argument("--trace-study-seeds", type=int, default=20, help="seeds of the trace-estimator study (default 20)")
+    from benchmarks.track import add_track_parser
+
+    add_track_parser(sub, add_problem_flags)
     b = add_and_return(sub, "bench", json_flag=False, helptext="side-by-side timings JAX vs PyTorch, ratios against targets, width sweep")
     b.add_argument("--repeats", type=int, default=5, help="timed runs per item after a warm-up (default 5)")
     b.add_argument("--widths", type=_ints, default=(10, 32, 64, 128, 256), help="hidden widths of the sweep")
@@ -146,6 +149,10 @@ def run(args) -> int:
 
     from jax_impl.fileio import check_writable_dir, check_writable_file
 
+    if args.command == "track":
+        from benchmarks.track import run_track
+
+        return run_track(args)
     ctx = Context(options_from(args))
     # refuse unwritable outputs before any work
     if getattr(args, "json", None):
