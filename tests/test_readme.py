@@ -16,8 +16,25 @@ def examples() -> dict[str, str]:
     return dict(re.findall(r"<!-- example: (\w+) -->\s*```python\n(.*?)```", text, flags=re.S))
 
 
-def test_the_readme_has_both_examples():
-    assert set(examples()) == {"flax", "torch"}
+def test_the_readme_has_its_examples():
+    assert set(examples()) == {"flax", "torch", "track"}
+
+
+def test_readme_track_example_runs():
+    """The tracked sharpness at the last step is the top eigenvalue of the dense Hessian there."""
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    scope: dict = {}
+    exec(compile(examples()["track"], "README.md example track", "exec"), scope)
+    run, apply, x, y = scope["run"], scope["models"].make_apply(scope["arch"]), scope["x"], scope["y"]
+    assert list(run.steps) == list(range(0, 101, 10)) and run.diverged_at is None
+    flat, unravel = ravel_pytree(run.params)
+    loss = lambda f: jnp.mean(scope["losses"].cross_entropy(apply(unravel(f), x), y))
+    lam = np.linalg.eigvalsh(np.asarray(jax.jit(jax.hessian(loss))(flat), np.float64))[-1]
+    # the tracker's residual bound, tol 1e-3 of |θ|, plus float32 rounding
+    assert abs(run.metrics["sharpness"][-1] - lam) <= 1e-3 * abs(lam) + 1e-5
 
 
 @pytest.mark.parametrize("name", ["flax", "torch"])
