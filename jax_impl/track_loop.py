@@ -42,11 +42,13 @@ class TrackResult:
     seconds: dict
 
 
-def _make_step(apply, ell, optimizer, x, y, batch_size: int):
-    n = len(jax.tree_util.tree_leaves(x)[0])
+def _make_step(apply, ell, optimizer, n: int, batch_size: int):
+    """(step, batch): ``step((params, opt_state, key, x, y), t)`` for ``lax.scan`` and ``batch(x, y, key, t)``.
+
+    The data travel as arguments (never closed over), so XLA does not constant-fold them."""
     per_epoch = n // batch_size
 
-    def batch(key, t):
+    def batch(x, y, key, t):
         if batch_size == n:
             return x, y
         perm = jax.random.permutation(jax.random.fold_in(key, t // per_epoch), n)
@@ -57,11 +59,11 @@ def _make_step(apply, ell, optimizer, x, y, batch_size: int):
         return jnp.mean(ell(apply(p, xb), yb))
 
     def step(carry, t):
-        params, opt_state, key = carry
-        xb, yb = batch(key, t)
+        params, opt_state, key, x, y = carry
+        xb, yb = batch(x, y, key, t)
         value, grad = jax.value_and_grad(loss)(params, xb, yb)
         updates, opt_state = optimizer.update(grad, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state, key), value
+        return (optax.apply_updates(params, updates), opt_state, key, x, y), value
 
     return step, batch
 
@@ -106,19 +108,19 @@ def track(apply: Callable, ell: Callable, params, optimizer: optax.GradientTrans
         raise HessianApproxError(f"steps={steps}, every={every}, batch_size={batch_size} for {n} samples",
                                  f"use steps >= 1, every >= 1 and 1 <= batch_size <= {n}")
     x, y = jax.tree_util.tree_map(jnp.asarray, x), jnp.asarray(y)
-    step, batch = _make_step(apply, ell, optimizer, x, y, batch_size)
+    step, batch = _make_step(apply, ell, optimizer, n, batch_size)
     data_key, measure_key = jax.random.split(key)
 
     @jax.jit
-    def run(params, opt_state, t0, length_marker):
+    def run(params, opt_state, t0, length_marker, x, y):
         ts = t0 + jnp.arange(length_marker.shape[0])
-        (params, opt_state, _), losses = jax.lax.scan(step, (params, opt_state, data_key), ts)
+        (params, opt_state, *_), losses = jax.lax.scan(step, (params, opt_state, data_key, x, y), ts)
         return params, opt_state, losses
 
     @jax.jit
-    def measure_at(params, opt_state, state, t, fixed):
+    def measure_at(params, opt_state, state, t, fixed, x, y):
         if fixed is None:
-            xb, yb = batch(data_key, jnp.maximum(t - 1, 0))
+            xb, yb = batch(x, y, data_key, jnp.maximum(t - 1, 0))
             m = len(jax.tree_util.tree_leaves(xb)[0])
             dt = jax.tree_util.tree_leaves(params)[0].dtype
             b = Batches(jax.tree_util.tree_map(lambda a: a[None], xb), yb[None], jnp.full((1, m), 1 / m, dt))
@@ -141,13 +143,13 @@ def track(apply: Callable, ell: Callable, params, optimizer: optax.GradientTrans
         if t > 0:
             t0 = time.perf_counter()
             params, opt_state, chunk = run(params, opt_state, jnp.asarray(at[i - 1], jnp.int32),
-                                           jnp.zeros((t - at[i - 1], 0)))
+                                           jnp.zeros((t - at[i - 1], 0)), x, y)
             losses.append(chunk)
             if timing:
                 jax.block_until_ready(params)
                 seconds["train"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        state, metrics = measure_at(params, opt_state, state, jnp.asarray(t, jnp.int32), fixed)
+        state, metrics = measure_at(params, opt_state, state, jnp.asarray(t, jnp.int32), fixed, x, y)
         rows.append((t, metrics))
         if timing:
             jax.block_until_ready(metrics)
