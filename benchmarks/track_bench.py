@@ -6,7 +6,8 @@ whole set:
 
 (a) JAX training only: jitted ``lax.scan`` chunks of ``every`` GD steps, the chunks
     ``jax_impl.track_loop.track`` runs between measurements (same step function: loss mean,
-    ``value_and_grad``, ``optax.sgd``), called ``steps / every`` times, one wait at the end;
+    ``value_and_grad``, ``optax.sgd``; the data passed as arguments, never closed over, so XLA
+    does not constant-fold them), called ``steps / every`` times, one wait at the end;
     compiled ahead of time (``jit(...).lower(...).compile()``, the compile reported apart)
     and run once untimed (an executable's first run pays one-time costs).
 (b) JAX with tracking, ``track(..., every, config=TrackerConfig(), timing=True)`` as a user
@@ -96,46 +97,48 @@ class JaxLoop:
         self.state = tracker_init(config, params)
         # track's keys: key -> (data_key, measure_key); measurement t uses fold_in(measure_key, t)
         self.measure_key = jax.random.split(key)[1]
-        n = self.x.shape[0]
-        self.batches = Batches(self.x[None], self.y[None], jnp.full((1, n), 1 / n, self.x.dtype))
         self.compile_seconds = {"train": 0.0, "measure": 0.0}
         self.warmup_seconds = {"train": 0.0, "measure": 0.0}
         self._chunks = {}
         self._measure = None
 
-    def _loss(self, p):
-        return jnp.mean(self.ell(self.apply(p, self.x), self.y))
+    def _loss(self, p, x, y):
+        return jnp.mean(self.ell(self.apply(p, x), y))
 
     def chunk(self, length: int):
         if length not in self._chunks:
             def step(carry, _):
-                params, opt_state = carry
-                value, grad = jax.value_and_grad(self._loss)(params)
+                params, opt_state, x, y = carry
+                value, grad = jax.value_and_grad(self._loss)(params, x, y)
                 updates, opt_state = self.optimizer.update(grad, opt_state, params)
-                return (optax.apply_updates(params, updates), opt_state), value
+                return (optax.apply_updates(params, updates), opt_state, x, y), value
 
-            def run(params, opt_state):
-                (params, opt_state), values = jax.lax.scan(step, (params, opt_state), None, length=length)
+            def run(params, opt_state, x, y):  # data as arguments: XLA does not constant-fold them
+                (params, opt_state, *_), values = jax.lax.scan(step, (params, opt_state, x, y), None, length=length)
                 return params, opt_state, values
 
-            self._chunks[length], secs = _timed(lambda: jax.jit(run).lower(self.params, self.opt_state).compile())
+            self._chunks[length], secs = _timed(lambda: jax.jit(run).lower(
+                self.params, self.opt_state, self.x, self.y).compile())
             self.compile_seconds["train"] += secs
-            # one untimed call: the first run of an executable pays one-time costs (allocation, constants)
-            _, secs = _timed(lambda: jax.block_until_ready(self._chunks[length](self.params, self.opt_state)))
+            # one untimed call: the first run of an executable pays one-time costs (allocation)
+            _, secs = _timed(lambda: jax.block_until_ready(self._chunks[length](self.params, self.opt_state,
+                                                                                self.x, self.y)))
             self.warmup_seconds["train"] += secs
         return self._chunks[length]
 
     def measurer(self):
         if self._measure is None:
-            def measure_at(params, state, t):
-                return measure(self.config, self.apply, self.ell, params, self.batches, state,
+            def measure_at(params, state, t, x, y):
+                n = x.shape[0]
+                batches = Batches(x[None], y[None], jnp.full((1, n), 1 / n, x.dtype))
+                return measure(self.config, self.apply, self.ell, params, batches, state,
                                jax.random.fold_in(self.measure_key, t))
 
             self._measure, secs = _timed(lambda: jax.jit(measure_at).lower(
-                self.params, self.state, jnp.asarray(0, jnp.int32)).compile())
+                self.params, self.state, jnp.asarray(0, jnp.int32), self.x, self.y).compile())
             self.compile_seconds["measure"] += secs
             _, secs = _timed(lambda: jax.block_until_ready(self._measure(self.params, self.state,
-                                                                         jnp.asarray(0, jnp.int32))))
+                                                                         jnp.asarray(0, jnp.int32), self.x, self.y)))
             self.warmup_seconds["measure"] += secs
         return self._measure
 
@@ -146,7 +149,7 @@ class JaxLoop:
         params, opt_state, values = self.params, self.opt_state, []
         t0 = time.perf_counter()
         for fn in fns:
-            params, opt_state, v = fn(params, opt_state)
+            params, opt_state, v = fn(params, opt_state, self.x, self.y)
             values.append(v)
         jax.block_until_ready((params, values))
         seconds = time.perf_counter() - t0
@@ -164,10 +167,11 @@ class JaxLoop:
         for i, t in enumerate(at):
             if t > 0:
                 (params, opt_state, v), secs = _timed(
-                    lambda: jax.block_until_ready(self._chunks[t - at[i - 1]](params, opt_state)))
+                    lambda: jax.block_until_ready(self._chunks[t - at[i - 1]](params, opt_state, self.x, self.y)))
                 chunk_s.append(secs)
                 values.append(v)
-            (state, m), secs = _timed(lambda: jax.block_until_ready(meas(params, state, jnp.asarray(t, jnp.int32))))
+            (state, m), secs = _timed(lambda: jax.block_until_ready(
+                meas(params, state, jnp.asarray(t, jnp.int32), self.x, self.y)))
             measure_s.append(secs)
             rows.append(jax.device_get(m))
         return {"steps": at, "chunk_seconds": chunk_s, "measure_seconds": measure_s,
