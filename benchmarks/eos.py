@@ -92,6 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--exact-max-dim", type=int, default=0,
                    help="also the exact λ_max at the cross-check steps up to this many parameters (default 0: "
                         "PyHessian only; the exact agreement is tested on small networks)")
+    p.add_argument("--summarize-only", action="store_true",
+                   help="only rebuild the summary, report and figure from the track_*.json already in --out")
     p.add_argument("--out", default="benchmarks/results/eos")
     a = p.parse_args(argv)
     from benchmarks.cli import main as cli
@@ -112,6 +114,10 @@ def main(argv=None) -> int:
         records[model] = []
         for lr in lrs[model].split(","):
             path = out / f"track_{model}_lr{lr}.json"
+            if a.summarize_only:
+                if path.exists():
+                    records[model].append(json.loads(path.read_text()))
+                continue
             argv_ = ["track", "--model", model, "--dataset", a.dataset, "--loss", a.loss, "--lr", lr,
                      "--steps", steps[model], "--every", str(a.every), "--train-samples", samples[model],
                      "--trace", "none", "--crosscheck", str(a.crosscheck), "--json", str(path)]
@@ -121,6 +127,9 @@ def main(argv=None) -> int:
             if cli(argv_) != 0:
                 return 1
             records[model].append(json.loads(path.read_text()))
+        if not records[model]:
+            del records[model]
+            continue
         summary["models"][model] = [summarize(r) for r in records[model]]
         for r, s in zip(records[model], summary["models"][model]):
             s["crosscheck"] = r.get("crosscheck", [])

@@ -146,6 +146,46 @@ def _top(op: Operator, prev, key, config: TrackerConfig, k: int):
                        min_steps=min(max(config.min_steps, k), op.dim), v0=v0)
 
 
+def linearized(apply: Callable, ell: Callable, params, batches: Batches):
+    """Loss, gradient, and Hessian and GGN Operators that reuse one forward-backward pass.
+
+    ``operators.hvp`` recomputes the forward and backward pass in every matvec (it can stream
+    any amount of data). Here ``jax.linearize`` of the chunked (loss, gradient) keeps the
+    intermediate values of every chunk, so each Hessian-vector product is one tangent pass
+    (jvp of grad, Pearlmutter 1994), and the GGN's ``Jᵀ H_ell J v`` is a jvp and the transpose
+    of the linearized network outputs (``jax.linear_transpose``). Memory: the activations of
+    all samples in ``batches`` (use ``operators`` for data beyond memory).
+
+    Returns:
+      ``(loss (), gradient (d,), hessian Operator, ggn Operator)``.
+    """
+    problem = operators.Problem(apply, ell, params, batches)
+    flat, dim, dtype = problem.flat_params, problem.dim, problem.dtype
+    vg = jax.value_and_grad(problem.chunk_loss)
+
+    def loss_and_grad(f):
+        return operators.chunk_sum(lambda c: vg(f, c), batches, (jnp.zeros((), dtype), jnp.zeros_like(f)))
+
+    (loss, grad), tangent = jax.linearize(loss_and_grad, flat)
+    h = Operator(lambda v: tangent(v)[1], dim, dtype, psd=False, name="hessian")
+
+    def outputs(f):
+        body = lambda _, c: (None, problem.apply(problem.unravel(f), c[0]))
+        return jax.lax.scan(body, None, (batches.x,))[1]  # (chunks, B, C)
+
+    z, jv = jax.linearize(outputs, flat)
+    jt = jax.linear_transpose(jv, flat)
+
+    def ggn_matvec(v):
+        u = jv(v)
+        ell_w = lambda zz: jnp.sum(batches.w * jax.vmap(problem.ell)(zz, batches.y))
+        hu = jax.jvp(jax.grad(ell_w), (z,), (u,))[1]
+        return jt(hu)[0]
+
+    ggn = Operator(ggn_matvec, dim, dtype, psd=operators._convex_output_loss(problem), name="ggn")
+    return loss, grad, h, ggn
+
+
 def measure(config: TrackerConfig, apply: Callable, ell: Callable, params, batches: Batches,
             state: TrackerState, key: jax.Array, opt_state=None, preconditioner: Optional[Callable] = None):
     """One curvature measurement at ``params`` over ``batches``; jittable (config, apply, ell static).
@@ -167,12 +207,10 @@ def measure(config: TrackerConfig, apply: Callable, ell: Callable, params, batch
       ``ggn``: ``ggn_sharpness``, ``ggn_matvecs``; with ``preconditioned``:
       ``preconditioned_sharpness``, ``preconditioned_matvecs``.
     """
-    problem = operators.Problem(apply, ell, params, batches)
+    loss, grad, h, ggn = linearized(apply, ell, params, batches)
     keys = jax.random.split(key, 4)
-    h = operators.hvp(problem)
     res = _top(h, state.hessian, keys[0], config, config.k)
-    grad = operators.gradient(problem)
-    metrics = {"loss": operators.loss(problem), "gradient_norm": jnp.linalg.norm(grad),
+    metrics = {"loss": loss, "gradient_norm": jnp.linalg.norm(grad),
                "sharpness": res.eigenvalues[0], "eigenvalues": res.eigenvalues, "residuals": res.residuals,
                "lanczos_matvecs": res.matvecs, "converged": jnp.all(res.converged)}
     new = state._replace(hessian=res.eigenvectors, count=state.count + 1)
@@ -181,7 +219,7 @@ def measure(config: TrackerConfig, apply: Callable, ell: Callable, params, batch
                else xtrace(h, keys[1], config.trace_matvecs))
         metrics.update(trace=est.trace, trace_stderr=est.stderr)
     if config.ggn:
-        g = _top(operators.ggn_vp(problem), state.ggn, keys[2], config, 1)
+        g = _top(ggn, state.ggn, keys[2], config, 1)
         metrics.update(ggn_sharpness=g.eigenvalues[0], ggn_matvecs=g.matvecs)
         new = new._replace(ggn=g.eigenvectors[0])
     if config.preconditioned:
