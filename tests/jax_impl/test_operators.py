@@ -58,7 +58,7 @@ def test_hessian_matches_finite_differences(activation):
 def test_hessian_matches_jax_hessian_and_is_symmetric():
     _, prob, x, y = tiny_problem(hidden=(3, 4), n=10)
     full = lambda f: jnp.mean(prob.ell(prob.apply(prob.unravel(f), jnp.asarray(x)), jnp.asarray(y)))
-    h_ref = jax.hessian(full)(prob.flat_params)
+    h_ref = jax.jit(jax.hessian(full))(prob.flat_params)  # jitted: one compilation, not eager op-by-op
     h = dense(operators.hvp(prob), chunk_size=7)
     assert rel(h, h_ref) < RTOL
     assert rel(h, h.T) < RTOL
@@ -154,7 +154,7 @@ def test_chunked_dense_hessian_equals_jax_hessian(c):
     prob = c.problem(chunk_size=4, n=7)
     x, y = c.data(7)
     full = lambda f: jnp.mean(prob.ell(prob.apply(prob.unravel(f), jnp.asarray(x)), jnp.asarray(y)))
-    h_ref = np.asarray(jax.hessian(full)(prob.flat_params))
+    h_ref = np.asarray(jax.jit(jax.hessian(full))(prob.flat_params))  # jitted: eager dispatch cost 5-15 s a CNN
     h = dense(operators.hvp(prob), chunk_size=32)
     assert rel(h, h_ref) < RTOL
     assert rel(h, h.T) < 1e-13
