@@ -110,8 +110,8 @@ def test_tanh_diag_blocks_differ_from_ggn():
 def test_ggn_is_psd_and_matches_explicit_jacobian(loss):
     _, prob, x, y = tiny_problem(hidden=(5,), activation="relu", loss=loss, n=15)
     g = dense(operators.ggn_vp(prob))
-    f = lambda fl: prob.apply(prob.unravel(fl), jnp.asarray(x))
-    jac = np.asarray(jax.jacobian(f)(prob.flat_params))  # (N, C, d)
+    f = jax.jit(lambda fl: prob.apply(prob.unravel(fl), jnp.asarray(x)))  # jitted: eager dispatch cost more
+    jac = np.asarray(jax.jit(jax.jacobian(f))(prob.flat_params))  # (N, C, d)
     m = np.asarray(losses.output_hessian(loss, f(prob.flat_params)))
     g_ref = np.einsum("ncd,nce,nef->df", jac, m, jac) / len(x)
     assert rel(g, g_ref) < RTOL
@@ -120,8 +120,8 @@ def test_ggn_is_psd_and_matches_explicit_jacobian(loss):
 
 def test_empirical_fisher_matches_per_sample_gradients():
     _, prob, x, y = tiny_problem(hidden=(4,), n=11)
-    per = jax.vmap(jax.grad(lambda fl, xi, yi: prob.ell(prob.apply(prob.unravel(fl), xi[None]), yi[None])[0]),
-                   in_axes=(None, 0, 0))(prob.flat_params, jnp.asarray(x), jnp.asarray(y))
+    per = jax.jit(jax.vmap(jax.grad(lambda fl, xi, yi: prob.ell(prob.apply(prob.unravel(fl), xi[None]), yi[None])[0]),
+                           in_axes=(None, 0, 0)))(prob.flat_params, jnp.asarray(x), jnp.asarray(y))
     ref = np.asarray(per).T @ np.asarray(per) / len(x)
     assert rel(dense(operators.empirical_fisher_vp(prob)), ref) < RTOL
 
