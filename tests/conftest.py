@@ -7,15 +7,47 @@ parametrized over ``dtype`` uses ``x64_if_float64``. The autouse
 ``x64_stays_off`` checks that no test leaves the process-wide switch on.
 """
 
+import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-import jax
-import numpy as np
-import pytest
+# numpy's OpenBLAS on one thread per process (before numpy is first imported, here): two pytest-xdist
+# workers on two cores each running two BLAS threads spin against each other; the tests' linear
+# algebra is small. 30% less CPU on the sketch and algorithm tests. An explicit setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One persistent XLA compilation cache per pytest run, shared by its pytest-xdist workers: tests
+# that build the same program (the two reproduce runs, commands on one checkpoint, the shared
+# cases of tests/cases.py in several files) compile it once. A cache only: a hit loads the
+# executable that compiling would give (the key is the HLO, the compile options, the jax and
+# jaxlib versions and the backend). A new temporary folder each run, removed at its end, so no
+# run sees another's; HESSIAN_APPROX_TEST_XLA_CACHE=off turns it off, =DIR keeps one in DIR.
+_CACHE_ENV = "HESSIAN_APPROX_TEST_XLA_CACHE"
+_OWN_CACHE = None
+if not os.environ.get(_CACHE_ENV):  # the controller (or a plain run) makes it; the workers inherit it
+    _OWN_CACHE = os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="hessian-approx-xla-cache-")
+if os.environ[_CACHE_ENV] != "off":
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("HESSIAN_APPROX_TEST_XLA_CACHE_MIN_SECS", "0.5")))
+    if importlib.util.find_spec("filelock"):  # a size limit makes workers read and write under a file lock
+        jax.config.update("jax_compilation_cache_max_size", 16 << 30)
+    else:  # no lock: one folder per process, so no worker reads a file another is writing
+        jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(dir=os.environ[_CACHE_ENV]))
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, "workerinput"):
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 # Who may turn 64-bit JAX on process-wide: the command line's --dtype float64 (a CLI process
 # runs one configuration). Library code must not; tests use the x64 fixture instead.
