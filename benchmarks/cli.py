@@ -33,8 +33,10 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def add_problem_flags(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    from jax_impl.data import DATASET_NAMES  # numpy only: keeps --help fast
+
     g = p.add_argument_group("problem")
-    g.add_argument("--dataset", default="auto", choices=["auto", "mnist", "digits"],
+    g.add_argument("--dataset", default="auto", choices=list(DATASET_NAMES),
                    help="auto: MNIST from --data-dir/$HESSIAN_APPROX_DATA or a prepared tfds copy, else 8x8 digits")
     g.add_argument("--data-dir", default=None, help="directory with the four MNIST IDX files (gz or raw)")
     g.add_argument("--data", default=None, metavar="FILE.npz",
