@@ -1,6 +1,7 @@
-"""Built-in datasets: MNIST from IDX files or tensorflow-datasets, sklearn's 8x8 digits; a seeded Hessian subset.
+"""Built-in datasets: MNIST and Fashion-MNIST (IDX files, downloaded or given), tfds, sklearn's 8x8 digits.
 
 Users' own ``.npz`` files are read by ``jax_impl.userdata``; both give a ``Dataset`` (``jax_impl.dataset``).
+Downloads, mirrors and published checksums live in ``jax_impl.download``.
 """
 
 from __future__ import annotations
@@ -16,17 +17,26 @@ import zlib
 
 import numpy as np
 
+from jax_impl import download
 from jax_impl.dataset import Dataset  # noqa: F401  (re-exported: data.Dataset)
-from jax_impl.errors import HessianApproxError, check_finite
+from jax_impl.dataset import hessian_subset  # noqa: F401  (re-exported: data.hessian_subset)
+from jax_impl.errors import HessianApproxError
 
-DATASET_NAMES = ("auto", "mnist", "digits")
-DATA_ENV_VAR = "HESSIAN_APPROX_DATA"
+DATASET_NAMES = ("auto", "mnist", "fashion-mnist", "digits")
+DATA_ENV_VAR = download.DATA_ENV_VAR
 _NO_MNIST_FIX = "re-download it (see the MNIST README for checksums), or use --dataset digits"
 
 # MNIST's own published pixel statistics (after scaling to [0, 1]).
 MNIST_NORMALIZATION = {
     "scale": 1 / 255, "mean": 0.1307, "std": 0.3081, "formula": "(x*scale-mean)/std",
 }
+# Fashion-MNIST's training-set pixel mean and std after scaling to [0, 1] as commonly quoted
+# (e.g. torchvision users' Normalize((0.2860,), (0.3530,))); Zalando publishes none. Not
+# recomputed here: no copy of the files was at hand when this was written.
+FASHION_MNIST_NORMALIZATION = {
+    "scale": 1 / 255, "mean": 0.2860, "std": 0.3530, "formula": "(x*scale-mean)/std",
+}
+_NORMALIZATION = {"mnist": MNIST_NORMALIZATION, "fashion-mnist": FASHION_MNIST_NORMALIZATION}
 # sklearn digits (values 0..16): mean and std over all 1797x64 values of x/16, computed once
 # with numpy in float64 and hard-coded so the normalization never depends on the split.
 DIGITS_NORMALIZATION = {
@@ -35,37 +45,24 @@ DIGITS_NORMALIZATION = {
 }
 DIGITS_SPLIT = {"seed": 0, "train": 1500, "test": 297}
 
-# name -> (expected magic, expected shape)
+# name -> (expected magic, expected shape); the same for MNIST and Fashion-MNIST.
 _MNIST_FILES = {
     "train-images-idx3-ubyte": (2051, (60000, 28, 28)),
     "train-labels-idx1-ubyte": (2049, (60000,)),
     "t10k-images-idx3-ubyte": (2051, (10000, 28, 28)),
     "t10k-labels-idx1-ubyte": (2049, (10000,)),
 }
-# Published checksums of the original gzip files: (MD5 from the MNIST distribution, SHA-256).
-_GZ_SUMS = {
-    "train-images-idx3-ubyte.gz": ("f68b3c2dcbeaaa9fbdd348bbdeb94873",
-                                   "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
-    "train-labels-idx1-ubyte.gz": ("d53e105ee54ea40749a09fcbcd1e9432",
-                                   "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
-    "t10k-images-idx3-ubyte.gz": ("9fb629c4189551a2d022fa330f9573f3",
-                                  "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
-    "t10k-labels-idx1-ubyte.gz": ("ec29112dd5afa0611ce80d1b7f02629c",
-                                  "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
-}
-# SHA-256 of the decompressed (raw) files. Derived once by decompressing the gzip files above
-# after verifying them against both published checksums (`gunzip -c F.gz | sha256sum`).
-_RAW_SHA256 = {
-    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-}
 
 
 def default_data_dir() -> str | None:
     """$HESSIAN_APPROX_DATA if set (and non-empty), else None."""
     return os.environ.get(DATA_ENV_VAR) or None
+
+
+def _fix(name: str) -> str:
+    if name == "mnist":
+        return _NO_MNIST_FIX
+    return f"re-download it (see the {download.LABELS[name]} README section for checksums), or use --dataset digits"
 
 
 def _normalize(pixels: np.ndarray, norm: dict) -> np.ndarray:
@@ -77,15 +74,15 @@ def _normalize(pixels: np.ndarray, norm: dict) -> np.ndarray:
     return x
 
 
-def _check_labels(where: str, y: np.ndarray) -> np.ndarray:
+def _check_labels(where: str, y: np.ndarray, fix: str = _NO_MNIST_FIX) -> np.ndarray:
     if y.size and (y.min() < 0 or y.max() > 9):
-        raise HessianApproxError(f"{where} holds labels outside 0..9 (min {y.min()}, max {y.max()})", _NO_MNIST_FIX)
+        raise HessianApproxError(f"{where} holds labels outside 0..9 (min {y.min()}, max {y.max()})", fix)
     return y.astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------- IDX
 
-def parse_idx(buf: bytes, expected_magic: int, where: str) -> np.ndarray:
+def parse_idx(buf: bytes, expected_magic: int, where: str, fix: str = _NO_MNIST_FIX) -> np.ndarray:
     """Parse an uncompressed uint8 IDX buffer (no checksum check).
 
     Header: big-endian uint32 magic (2051 images, 2049 labels; low byte = number of
@@ -93,93 +90,122 @@ def parse_idx(buf: bytes, expected_magic: int, where: str) -> np.ndarray:
     Returns a read-only uint8 array of the header's shape; ``where`` names the file in errors.
     """
     if len(buf) < 4:
-        raise HessianApproxError(f"{where} is truncated ({len(buf)} bytes, no IDX header)", _NO_MNIST_FIX)
+        raise HessianApproxError(f"{where} is truncated ({len(buf)} bytes, no IDX header)", fix)
     magic = int.from_bytes(buf[:4], "big")
     if magic != expected_magic:
-        raise HessianApproxError(f"{where} has IDX magic number {magic}, expected {expected_magic}", _NO_MNIST_FIX)
+        raise HessianApproxError(f"{where} has IDX magic number {magic}, expected {expected_magic}", fix)
     header = 4 + 4 * (magic & 0xFF)  # low byte of the magic = number of dimensions
     if len(buf) < header:
-        raise HessianApproxError(f"{where} is truncated inside its IDX header", _NO_MNIST_FIX)
+        raise HessianApproxError(f"{where} is truncated inside its IDX header", fix)
     shape = tuple(int(d) for d in np.frombuffer(buf, dtype=">u4", count=magic & 0xFF, offset=4))
     expected = header + int(np.prod(shape, dtype=np.int64))
     if len(buf) != expected:
         kind = "truncated" if len(buf) < expected else "longer than its header says"
         raise HessianApproxError(
-            f"{where} is {kind}: {len(buf)} bytes, header {shape} needs {expected}", _NO_MNIST_FIX
+            f"{where} is {kind}: {len(buf)} bytes, header {shape} needs {expected}", fix
         )
     return np.frombuffer(buf, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def read_idx(path: str, expected_magic: int, verify: bool = True) -> np.ndarray:
-    """Read one IDX file (``.gz`` or raw), checking its published checksum when ``verify``."""
-    base = os.path.basename(path)
+def read_idx(path: str, expected_magic: int, verify: bool = True, dataset: str = "mnist") -> np.ndarray:
+    """Read one IDX file (``.gz`` or raw), checking ``dataset``'s published checksum when ``verify``."""
+    base, label, fix = os.path.basename(path), download.LABELS[dataset], _fix(dataset)
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise HessianApproxError(f"cannot read MNIST file {path} ({e.strerror})", _NO_MNIST_FIX) from None
+        raise HessianApproxError(f"cannot read {label} file {path} ({e.strerror})", fix) from None
     if verify:
-        if base in _GZ_SUMS:
-            ok = (hashlib.md5(data).hexdigest(), hashlib.sha256(data).hexdigest()) == _GZ_SUMS[base]
+        gz, raw = download.GZ_SUMS[dataset], download.RAW_SHA256[dataset]
+        if base in gz:
+            ok = (hashlib.md5(data).hexdigest(), hashlib.sha256(data).hexdigest(), len(data)) == gz[base]
+        elif base + ".gz" in gz and not raw:
+            raise HessianApproxError(f"{label} file {path} is uncompressed, and only the gzip files have "
+                                     "published checksums", f"use the four .gz files as published, or {fix}")
         else:
-            ok = base in _RAW_SHA256 and hashlib.sha256(data).hexdigest() == _RAW_SHA256[base]
+            ok = base in raw and hashlib.sha256(data).hexdigest() == raw[base]
         if not ok:
             raise HessianApproxError(
-                f"MNIST file {path} does not match its published checksum (corrupt or altered)", _NO_MNIST_FIX)
+                f"{label} file {path} does not match its published checksum (corrupt or altered)", fix)
     if base.endswith(".gz"):
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as e:
-            raise HessianApproxError(f"MNIST file {path} is not valid gzip ({e})", _NO_MNIST_FIX) from None
-    return parse_idx(data, expected_magic, path)
+            raise HessianApproxError(f"{label} file {path} is not valid gzip ({e})", fix) from None
+    return parse_idx(data, expected_magic, path, fix)
 
 
-def _find_idx(data_dir: str, stem: str) -> str:
+def _find_idx(data_dir: str, stem: str, dataset: str = "mnist") -> str:
     """The path of ``stem`` or ``stem.gz`` in data_dir (gzip preferred)."""
     for name in (stem + ".gz", stem):
         path = os.path.join(data_dir, name)
         if os.path.isfile(path):
             return path
     raise HessianApproxError(
-        f"MNIST file {stem}(.gz) is missing from {data_dir}",
-        "put the four IDX files there (gzipped or raw), point --data-dir/HESSIAN_APPROX_DATA "
-        "at the folder that holds them, or use --dataset digits",
+        f"{download.LABELS[dataset]} file {stem}(.gz) is missing from {data_dir}",
+        "put the four IDX files there (gzipped or raw), point --data-dir"
+        f"{'/HESSIAN_APPROX_DATA' if dataset == 'mnist' else ''} at the folder that holds them, "
+        "or use --dataset digits",
+    )
+
+
+def _has_idx_files(data_dir: str) -> bool:
+    """Whether data_dir holds each of the four IDX files (gzipped or raw); nothing is read."""
+    return all(os.path.isfile(os.path.join(data_dir, s + ".gz")) or os.path.isfile(os.path.join(data_dir, s))
+               for s in _MNIST_FILES)
+
+
+def load_idx_dir(data_dir, dataset: str = "mnist") -> Dataset:
+    """MNIST or Fashion-MNIST (``dataset``) from its four IDX files in ``data_dir`` (each ``.gz`` or raw).
+
+    Files are checked against the published checksums, parsed with np.frombuffer and
+    normalized as (x/255 - mean)/std with the dataset's published statistics; nothing is cached.
+    Returns x_train (60000, 784), x_test (10000, 784) float32 and int32 labels.
+    """
+    label, fix, norm = download.LABELS[dataset], _fix(dataset), _NORMALIZATION[dataset]
+    data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+    if not os.path.isdir(data_dir):
+        raise HessianApproxError(
+            f"{label} data directory {data_dir} does not exist",
+            "point --data-dir at the folder with the IDX files, or use --dataset digits" if dataset != "mnist"
+            else "point --data-dir/HESSIAN_APPROX_DATA at the folder with the IDX files, or use --dataset digits",
+        )
+    arrays = {}
+    for stem, (magic, shape) in _MNIST_FILES.items():
+        path = _find_idx(data_dir, stem, dataset)
+        arr = read_idx(path, magic, dataset=dataset)
+        if arr.shape != shape:
+            raise HessianApproxError(f"{label} file {path} has shape {arr.shape}, expected {shape}", fix)
+        arrays[stem] = arr
+    n_train = len(arrays["train-images-idx3-ubyte"])
+    n_test = len(arrays["t10k-images-idx3-ubyte"])
+    urls = download.sources(data_dir)
+    bases = sorted({urls[f].rsplit("/", 1)[0] + "/" for f in download.GZ_SUMS[dataset] if f in urls})
+    origin = f", downloaded from {' and '.join(bases)}" if bases else ""
+    return Dataset(
+        x_train=_normalize(arrays["train-images-idx3-ubyte"], norm),
+        y_train=_check_labels("train-labels-idx1-ubyte", arrays["train-labels-idx1-ubyte"], fix),
+        x_test=_normalize(arrays["t10k-images-idx3-ubyte"], norm),
+        y_test=_check_labels("t10k-labels-idx1-ubyte", arrays["t10k-labels-idx1-ubyte"], fix),
+        name=dataset,
+        source=f"idx:{data_dir}",
+        note=f"{label} ({n_train} train / {n_test} test) from checksum-verified IDX files in {data_dir}{origin}.",
+        normalization=dict(norm),
+        classes=10,
     )
 
 
 def load_mnist_idx(data_dir) -> Dataset:
-    """MNIST from the four original IDX files in ``data_dir`` (each ``.gz`` or raw).
+    """MNIST from the four original IDX files in ``data_dir``: ``load_idx_dir(data_dir, "mnist")``."""
+    return load_idx_dir(data_dir, "mnist")
 
-    Files are checked against the published checksums, parsed with np.frombuffer and
-    normalized as (x/255 - 0.1307)/0.3081; nothing is cached on disk.
-    Returns x_train (60000, 784), x_test (10000, 784) float32 and int32 labels.
-    """
-    data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
-    if not os.path.isdir(data_dir):
-        raise HessianApproxError(
-            f"MNIST data directory {data_dir} does not exist",
-            "point --data-dir/HESSIAN_APPROX_DATA at the folder with the IDX files, or use --dataset digits",
-        )
-    arrays = {}
-    for stem, (magic, shape) in _MNIST_FILES.items():
-        path = _find_idx(data_dir, stem)
-        arr = read_idx(path, magic)
-        if arr.shape != shape:
-            raise HessianApproxError(f"MNIST file {path} has shape {arr.shape}, expected {shape}", _NO_MNIST_FIX)
-        arrays[stem] = arr
-    n_train = len(arrays["train-images-idx3-ubyte"])
-    n_test = len(arrays["t10k-images-idx3-ubyte"])
-    return Dataset(
-        x_train=_normalize(arrays["train-images-idx3-ubyte"], MNIST_NORMALIZATION),
-        y_train=_check_labels("train-labels-idx1-ubyte", arrays["train-labels-idx1-ubyte"]),
-        x_test=_normalize(arrays["t10k-images-idx3-ubyte"], MNIST_NORMALIZATION),
-        y_test=_check_labels("t10k-labels-idx1-ubyte", arrays["t10k-labels-idx1-ubyte"]),
-        name="mnist",
-        source=f"idx:{data_dir}",
-        note=f"MNIST ({n_train} train / {n_test} test) from checksum-verified IDX files in {data_dir}.",
-        normalization=dict(MNIST_NORMALIZATION),
-        classes=10,
-    )
+
+def load_downloaded(dataset: str = "mnist", folder=None, timeout: float = download.TIMEOUT, mirrors=None) -> Dataset:
+    """MNIST or Fashion-MNIST from ``folder`` (default ``download.cache_dir``), downloading the
+    files it lacks first (``download.fetch``: published mirrors, checksums, atomic writes)."""
+    folder = download.cache_dir(dataset) if folder is None else folder
+    download.fetch(dataset, folder, mirrors=mirrors, timeout=timeout)
+    return load_idx_dir(folder, dataset)
 
 
 # --------------------------------------------------------------------------------------- tfds
@@ -329,55 +355,42 @@ def load_digits() -> Dataset:
 # ----------------------------------------------------------------------------------- dispatch
 
 def load_dataset(name="auto", data_dir=None) -> Dataset:
-    """Load by name: "mnist", "digits", or "auto" (MNIST if available offline, else digits).
+    """Load by name: "mnist", "fashion-mnist", "digits", or "auto" (MNIST if it can be had, else digits).
 
-    ``data_dir`` (default: $HESSIAN_APPROX_DATA) holds the MNIST IDX files. For "auto", errors
-    in files under an explicit data_dir are raised, never swallowed; without one, tfds is used
-    only if it already has a prepared copy (no network), and otherwise digits with a note why.
+    ``data_dir`` holds the dataset's four IDX files: read as they are, never downloaded into, and
+    their errors are raised. Without it, MNIST comes from $HESSIAN_APPROX_DATA when that folder
+    holds the files; else it is downloaded (``download.fetch``) into $HESSIAN_APPROX_DATA or the
+    user's cache (``download.cache_dir``), or read from there if already verified. Fashion-MNIST
+    likewise, always in the user's cache. "mnist" and "fashion-mnist" raise when the download
+    fails; so does "auto" when $HESSIAN_APPROX_DATA names a folder. Otherwise "auto" tries the
+    cache, a prepared tensorflow-datasets copy, then a download with a short timeout
+    (``download.AUTO_TIMEOUT``), and else gives digits with a note saying why.
     """
     key = name.strip().lower() if isinstance(name, str) else None
     if key not in DATASET_NAMES:
         raise HessianApproxError(f"unknown dataset {name!r}", f"use one of: {', '.join(DATASET_NAMES)}")
-    if data_dir is None:
-        data_dir = default_data_dir()
     if key == "digits":
         return load_digits()
+    dataset = "mnist" if key == "auto" else key
     if data_dir is not None:
-        return load_mnist_idx(data_dir)
-    if key == "mnist":
-        return load_mnist_tfds(download=True)
-    # auto, no data dir: a prepared tfds copy, or digits.
-    try:
-        return load_mnist_tfds(download=False)
-    except HessianApproxError as e:
-        why = e.problem
-    digits = load_digits()
+        return load_idx_dir(data_dir, dataset)
+    env = default_data_dir() if dataset == "mnist" else None
+    if env is not None and _has_idx_files(env):
+        return load_idx_dir(env, dataset)
+    if key != "auto" or env is not None:  # a folder was named: its errors are raised
+        return load_downloaded(dataset, timeout=download.TIMEOUT if key != "auto" else download.AUTO_TIMEOUT)
+    folder = download.cache_dir("mnist")
+    if download.is_complete("mnist", folder):
+        return load_idx_dir(folder, "mnist")
+    why = []
+    for attempt in (lambda: load_mnist_tfds(download=False),
+                    lambda: load_downloaded("mnist", folder, timeout=download.AUTO_TIMEOUT)):
+        try:
+            return attempt()
+        except HessianApproxError as e:
+            why.append(e.problem)
     note = (
-        f"MNIST not available (no --data-dir/{DATA_ENV_VAR}, and {why}); "
+        f"MNIST not available (no --data-dir/{DATA_ENV_VAR}, {'; '.join(why)}); "
         "using scikit-learn's 8x8 digits (1500 train / 297 test, split by a seed-0 permutation)."
     )
-    return dataclasses.replace(digits, note=note)
-
-
-def hessian_subset(x, y, num_samples, seed) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed, seeded subset of (x (N, ...), y (N,) labels or (N, C) targets).
-
-    Rows default_rng(seed).choice(N, k, replace=False); returns (x[idx] (k, ...), y[idx] (k,)
-    or (k, C)) in drawn order; same seed -> same subset. Inputs (and float targets) must be finite.
-    """
-    x, y = np.asarray(x), np.asarray(y)
-    if x.ndim < 1 or y.ndim not in (1, 2) or x.shape[0] != y.shape[0]:
-        raise HessianApproxError(f"Hessian subset got x {x.shape} and y {y.shape}",
-                                 "pass x (N, ...) and y (N,) labels or (N, C) targets with the same N")
-    n = x.shape[0]
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
-        raise HessianApproxError(f"--hessian-samples must be an integer, got {num_samples!r}",
-                                 f"pass an integer in 1..{n}")
-    if not 1 <= num_samples <= n:
-        raise HessianApproxError(f"--hessian-samples {num_samples} is outside 1..{n} (the training set size)",
-                                 f"pass a value in 1..{n}")
-    idx = np.random.default_rng(seed).choice(n, int(num_samples), replace=False)
-    xs, ys = x[idx], y[idx]
-    check_finite("inputs of the Hessian subset", xs)
-    check_finite("targets of the Hessian subset", ys)
-    return xs, ys
+    return dataclasses.replace(load_digits(), note=note)

@@ -1,4 +1,4 @@
-"""The Dataset record: train and test arrays of inputs and labels or targets, with their provenance."""
+"""The Dataset record: train and test arrays of inputs and labels or targets, with their provenance; seeded subsets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from jax_impl.errors import HessianApproxError
+from jax_impl.errors import HessianApproxError, check_finite
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _FIX = ("expected x (N, ...) float32/float64 and y (N,) int32 labels or (N, C) float targets; "
@@ -149,3 +149,27 @@ def _y_ok(y: np.ndarray) -> bool:
     if y.ndim == 1:
         return y.dtype == np.int32
     return y.ndim == 2 and y.shape[1] >= 1 and y.dtype in FLOAT_DTYPES
+
+
+def hessian_subset(x, y, num_samples, seed) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed, seeded subset of (x (N, ...), y (N,) labels or (N, C) targets).
+
+    Rows default_rng(seed).choice(N, k, replace=False); returns (x[idx] (k, ...), y[idx] (k,)
+    or (k, C)) in drawn order; same seed -> same subset. Inputs (and float targets) must be finite.
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim < 1 or y.ndim not in (1, 2) or x.shape[0] != y.shape[0]:
+        raise HessianApproxError(f"Hessian subset got x {x.shape} and y {y.shape}",
+                                 "pass x (N, ...) and y (N,) labels or (N, C) targets with the same N")
+    n = x.shape[0]
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
+        raise HessianApproxError(f"--hessian-samples must be an integer, got {num_samples!r}",
+                                 f"pass an integer in 1..{n}")
+    if not 1 <= num_samples <= n:
+        raise HessianApproxError(f"--hessian-samples {num_samples} is outside 1..{n} (the training set size)",
+                                 f"pass a value in 1..{n}")
+    idx = np.random.default_rng(seed).choice(n, int(num_samples), replace=False)
+    xs, ys = x[idx], y[idx]
+    check_finite("inputs of the Hessian subset", xs)
+    check_finite("targets of the Hessian subset", ys)
+    return xs, ys

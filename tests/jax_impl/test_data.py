@@ -1,4 +1,8 @@
-"""Tests for jax_impl.data: IDX parsing and checksums, tfds without TensorFlow, digits, auto, subsets."""
+"""Tests for jax_impl.data: IDX parsing and checksums, tfds without TensorFlow, digits, auto, subsets.
+
+Downloads are tested in test_download.py; here the user's cache is a temporary folder and the
+MNIST mirrors a closed local port, so no test reaches the internet.
+"""
 
 import gzip
 import json
@@ -24,6 +28,17 @@ def _mnist_dir():
     if env:
         return pathlib.Path(env).resolve()  # tests link to these files from other folders
     return pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(autouse=True)
+def no_download(monkeypatch, tmp_path):
+    """The user's cache is empty and temporary; the MNIST mirrors refuse connections at once."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    monkeypatch.setenv("HESSIAN_APPROX_MNIST_MIRRORS", f"http://127.0.0.1:{port}/")
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +241,7 @@ def test_tfds_missing_is_named(monkeypatch):
     monkeypatch.delenv("HESSIAN_APPROX_DATA", raising=False)
     ds = data.load_dataset("auto")
     assert ds.name == "digits" and "tensorflow-datasets cannot be imported" in ds.note
+    assert "cannot download MNIST file" in ds.note and "connection refused" in ds.note
 
 
 # --------------------------------------------------------------------------- load_dataset
@@ -234,14 +250,17 @@ def test_auto_falls_back_to_digits_offline(monkeypatch, tmp_path, no_network):
     tfds = pytest.importorskip("tensorflow_datasets")
     monkeypatch.delenv("HESSIAN_APPROX_DATA", raising=False)
     monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(tmp_path))  # an empty tfds home
+    monkeypatch.delenv("HESSIAN_APPROX_MNIST_MIRRORS")  # the published mirrors, unreachable here
     start = time.monotonic()
     ds = data.load_dataset("auto")
     assert time.monotonic() - start < 15
     assert ds.name == "digits" and ds.source == "sklearn"
     assert "MNIST not available" in ds.note and "no prepared MNIST copy" in ds.note
-    assert "HESSIAN_APPROX_DATA" in ds.note and "digits" in ds.note
+    assert "HESSIAN_APPROX_DATA" in ds.note and "digits" in ds.note and "\n" not in ds.note
+    assert "cannot download MNIST file" in ds.note and "storage.googleapis.com" in ds.note
     assert ds.provenance()["dataset_note"] == ds.note
-    assert no_network == []
+    # tfds looked offline only; the one network use is the download, host names looked up once each.
+    assert [a[0] for a in no_network] == [u.split("/")[2] for u in data.download.MIRRORS["mnist"]]
 
 
 def test_auto_and_mnist_use_data_dir(mnist_dir, monkeypatch):
@@ -262,7 +281,7 @@ def test_auto_does_not_swallow_bad_data_dir(mnist_dir, tmp_path):
 
 
 def test_unknown_dataset_name():
-    with pytest.raises(HessianApproxError, match="auto, mnist, digits"):
+    with pytest.raises(HessianApproxError, match="auto, mnist, fashion-mnist, digits"):
         data.load_dataset("cifar10")
     with pytest.raises(HessianApproxError, match="unknown dataset"):
         data.load_dataset(None)
