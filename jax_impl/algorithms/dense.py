@@ -22,17 +22,16 @@ def _square(matrix) -> jax.Array:
 def eigvalsh_descending(matrix) -> jax.Array:
     """Eigenvalues (d,) of a symmetric (d, d) matrix, descending.
 
-    On the CPU this calls LAPACK's values-only divide and conquer (``syevd`` through
-    scipy) on the lower triangle: ``jnp.linalg.eigvalsh`` computes the eigenvectors
-    too on CPU, about 1.6x slower at d = 7960. On accelerators it is jnp.linalg.eigvalsh.
+    On the CPU this calls LAPACK's values-only divide and conquer (``?syevd``, SciPy's build)
+    on the lower triangle through ctypes in a worker thread (``algorithms.lapack``), so Ctrl-C
+    acts at once: ``jnp.linalg.eigvalsh`` computes the eigenvectors too on CPU, about 1.6x
+    slower at d = 7960. On accelerators it is jnp.linalg.eigvalsh. NaN or Inf entries are
+    refused with a one-line error.
     """
     if jax.default_backend() == "cpu" and not isinstance(matrix, jax.core.Tracer):
-        import numpy as np
-        import scipy.linalg
+        from jax_impl.algorithms.lapack import eigvalsh_lapack
 
-        m = np.asarray(matrix)
-        _square(m[:1, :1] if m.ndim == 2 and m.shape[0] == m.shape[1] else m)
-        w = scipy.linalg.eigh(m, eigvals_only=True, driver="evd", lower=True, check_finite=False)
+        w = eigvalsh_lapack(matrix)
         return jnp.asarray(w[::-1].copy())
     return jnp.linalg.eigvalsh(_square(matrix))[::-1]
 
