@@ -71,6 +71,7 @@ def _zeros(nds, dtype):
 
 @functools.partial(jax.jit, static_argnames=("nds", "loss", "mc_samples", "hessian"))
 def _diag_core(params, batches, key, nds, loss, mc_samples, hessian):
+    params, batches, key = net.runtime_inputs(params, batches, key)
     ell = losses_mod.get_loss(loss)
     grad_ell = jax.grad(lambda z, y: jnp.sum(ell(z, y)))  # per-sample gradients (rows)
     residuals = hessian and net.has_residuals(nds)  # without them DiagH is DiagGGN's computation

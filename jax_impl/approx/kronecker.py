@@ -108,6 +108,7 @@ def _blocks(nds, g, a) -> KroneckerBlocks:
 
 @functools.partial(jax.jit, static_argnames=("nds", "loss", "mc_samples", "convention"))
 def _sqrt_factors(params, batches, key, nds, loss, mc_samples, convention):
+    params, batches, key = net.runtime_inputs(params, batches, key)
     def one(c, k):
         xs, logits = net.forward(nds, params, c.x)
         roots = [(net.loss_sqrt(loss, logits, k, mc_samples), None)]
@@ -153,6 +154,7 @@ def kfac(problem, key: jax.Array, mc_samples: int = 1, arch=None, kfac_approx: s
 
 @functools.partial(jax.jit, static_argnames=("nds", "loss", "convention"))
 def _kfra_factors(params, batches, nds, loss, convention):
+    params, batches, _ = net.runtime_inputs(params, batches)
     first = min(i for i, nd in enumerate(nds) if nd.name)
     dtype = net.dtype_of(params)
 

@@ -12,7 +12,7 @@ from jax_impl import losses as losses_mod
 from jax_impl.approx.rules import RULES, Node, nodes
 from jax_impl.errors import HessianApproxError
 from jax_impl.batches import Batches, constrain
-from jax_impl.operators import Problem
+from jax_impl.operators import Problem, live
 
 METHODS = ("diag-ggn", "diag-ggn-mc", "diag-h", "kfac", "kflr", "kfra")
 SUPPORTED_LOSSES = ("cross_entropy", "mse")
@@ -188,6 +188,16 @@ def backprop(nds, params, xs, roots, g=None):
             g = rule.jac_t(nd, p, x, g[:, None])[:, 0]
         if r is not None:
             roots.append(_diag_root(r))
+
+
+def runtime_inputs(params, batches: Batches, key=None):
+    """(params, batches, key) behind an optimization barrier (``operators.live``), at the top of
+    every jitted core: when a caller jits a closure over the problem (``jax.jit(lambda k:
+    kflr(problem))``), its parameters and data are compile-time constants, and XLA would
+    otherwise constant-fold the whole approximation at compile time (a (784, 784) input
+    factor for the MNIST MLP: seconds of compilation, XLA's slow-operation alarm, and a
+    "run" that returns a stored constant)."""
+    return live((params, batches, key))
 
 
 def scan_chunks(fn, batches: Batches, init, key=None):
