@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from jax_impl.errors import HessianApproxError
@@ -25,6 +26,35 @@ def default_methods(command: str) -> list[str]:
     return names(command=command)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <problem>; see hessian-approx <command> --help`` (status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
+def _seed(text: str) -> int:
+    from benchmarks.context import SEED_MAX
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer seed from 0 to {SEED_MAX}, got {text!r}")
+    return value
+
+
+def _tol(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite tolerance >= 0, got {text!r}")
+    return value
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(t) for t in text.replace(",", " ").split())
@@ -37,8 +67,10 @@ def add_problem_flags(p: argparse.ArgumentParser, json_flag: bool = True) -> Non
 
     g = p.add_argument_group("problem")
     g.add_argument("--dataset", default="auto", choices=list(DATASET_NAMES),
-                   help="auto: MNIST from --data-dir/$HESSIAN_APPROX_DATA or a prepared tfds copy, else 8x8 digits")
-    g.add_argument("--data-dir", default=None, help="directory with the four MNIST IDX files (gz or raw)")
+                   help="mnist/fashion-mnist: from --data-dir, else the cache, else downloaded (checksums verified); "
+                        "auto: MNIST if at hand or downloadable in 5 s, else 8x8 digits (says why)")
+    g.add_argument("--data-dir", default=None,
+                   help="folder with the four IDX files of --dataset (gz, or raw for MNIST); read, never written")
     g.add_argument("--data", default=None, metavar="FILE.npz",
                    help="your own data: arrays x (N, ...) and y (N,) labels or (N, C) targets "
                         "[, x_test, y_test]; images channels last (see README)")
@@ -56,16 +88,23 @@ def add_problem_flags(p: argparse.ArgumentParser, json_flag: bool = True) -> Non
                    help="your own weights: a PyTorch nn.Sequential state_dict (.pt or safetensors) or a Flax "
                         "parameter file (msgpack or safetensors) of a supported architecture (see README)")
     g.add_argument("--epochs", type=int, default=None,
-                   help="training epochs when no --checkpoint (default 5 for MNIST, 100 for digits)")
+                   help="training epochs when no --checkpoint (default 5 for MNIST-sized data, 100 for digits)")
     g.add_argument("--hessian-samples", type=int, default=None,
                    help="size of the seeded Hessian subset (default 1000 for an mlp, 100 for convolutional models)")
-    g.add_argument("--seed", type=int, default=0, help="seed for training, the subset and every probe (default 0)")
+    g.add_argument("--seed", type=_seed, default=0,
+                   help="seed for training, and for the subset and the probes unless given below (default 0)")
+    g.add_argument("--subset-seed", type=_seed, default=None, help="seed of the Hessian subset (default --seed)")
+    g.add_argument("--probe-seed", type=_seed, default=None,
+                   help="seed of every random probe and start vector (default --seed): vary it to redraw the "
+                        "probes on the same subset")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     g.add_argument("--chunk-size", type=int, default=None,
                    help="samples per chunk of the curvature averages (default: from the model's activation size, "
                         "1000 for the mlp, 20 for the cnn)")
     if json_flag:
         g.add_argument("--json", default=None, metavar="PATH", help="write the result record here (atomically)")
+    g.add_argument("--force", action="store_true",
+                   help="replace an existing output that hessian-approx did not write (never one of the inputs)")
 
 
 def add_method_flags(p: argparse.ArgumentParser, default_methods) -> None:
@@ -74,7 +113,7 @@ def add_method_flags(p: argparse.ArgumentParser, default_methods) -> None:
                    help=f"comma-separated methods from the table (default {','.join(default_methods)})")
     g.add_argument("-k", "--k", type=int, default=10, help="number of top eigenvalues (default 10)")
     g.add_argument("--power-max-iter", type=int, default=100, help="PyHessian's maxIter (default 100)")
-    g.add_argument("--power-tol", type=float, default=1e-3, help="PyHessian's tol (default 1e-3)")
+    g.add_argument("--power-tol", type=_tol, default=1e-3, help="PyHessian's tol (default 1e-3)")
     g.add_argument("--lanczos-steps", type=int, default=None, help="Lanczos iterations (default: from k)")
     g.add_argument("--hutchinson-samples", type=int, default=100,
                    help="matvecs of every stochastic trace and diagonal estimator, so they compare at equal cost "
@@ -91,12 +130,12 @@ def add_method_flags(p: argparse.ArgumentParser, default_methods) -> None:
     g.add_argument("--block-size", type=int, default=10, help="block-lanczos: vectors per block (default 10)")
     g.add_argument("--blocks", default="per-layer",
                    help="blocks: per-layer (default), per-leaf, or layer names/paths such as Dense_0,Conv_1/kernel")
-    g.add_argument("--pyhessian-trace-tol", type=float, default=1e-3,
+    g.add_argument("--pyhessian-trace-tol", type=_tol, default=1e-3,
                    help="PyHessian trace's tol (default 1e-3; 0 uses all --hutchinson-samples probes)")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hessian-approx", description=(
+    p = Parser(prog="hessian-approx", description=(
         "Curvature of neural-network losses in JAX, cross-checked against BackPACK and PyHessian."))
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the network and write a safetensors checkpoint")
@@ -149,20 +188,25 @@ def run(args) -> int:
     from benchmarks.registry import resolve
     from jax_impl.checkpoint import save_checkpoint
 
-    from jax_impl.fileio import check_writable_dir, check_writable_file
+    from jax_impl.fileio import check_output, check_output_dir, check_writable_dir, check_writable_file
 
     if args.command == "track":
         from benchmarks.track import run_track
 
         return run_track(args)
     ctx = Context(options_from(args))
-    # refuse unwritable outputs before any work
+    # refuse unwritable outputs, and outputs that would replace an input or a foreign file, before any work
+    inputs = input_paths(args)
     if getattr(args, "json", None):
         check_writable_file(args.json)
+        check_output(args.json, "--json", inputs, args.force)
     if args.command == "train":
         check_writable_file(args.out)
+        check_output(args.out, "--out", inputs, args.force)
     elif args.command in ("reproduce", "bench"):
         check_writable_dir(args.out)
+        if args.command == "reproduce":
+            check_output_dir(args.out, "--out", inputs, args.force)
     if args.command == "train":
         params = ctx.params
         save_checkpoint(args.out, params, ctx.arch, {**ctx.train_info, **ctx.dataset.provenance()})
@@ -190,6 +234,9 @@ def run(args) -> int:
         log(f"wrote {args.out}/results.json, report.md and the figures")
         return 0
     requested = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not requested and not getattr(args, "method", None):
+        raise HessianApproxError(f"--methods {args.methods!r} names no method",
+                                 f"name at least one, e.g. --methods {','.join(default_methods(args.command))}")
     if getattr(args, "method", None):
         from benchmarks.table import approximations, counterpart
 
@@ -214,16 +261,67 @@ def run(args) -> int:
     return 0
 
 
+def input_paths(args) -> dict:
+    """The files and folders a run reads, by flag (an output must never replace one of them)."""
+    from jax_impl.data import default_data_dir
+
+    data_dir = getattr(args, "data_dir", None) or (default_data_dir() if not getattr(args, "data", None) else None)
+    return {flag: value for flag, value in (("--checkpoint", getattr(args, "checkpoint", None)),
+                                           ("--weights", getattr(args, "weights", None)),
+                                           ("--data", getattr(args, "data", None)),
+                                           ("--data-dir", data_dir)) if value}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, Slurm, docker stop), handled like Ctrl-C: outputs are written whole or not at all."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    import signal
+
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a one-line usage error (Parser.error)
+        return done.code if isinstance(done.code, int) else 2
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         return run(args)
     except HessianApproxError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no result file was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"error: {what}; {_left_as_it_was(args)}", file=sys.stderr)
+        code = 143 if isinstance(err, Terminated) else 130
+        lapack = sys.modules.get("jax_impl.algorithms.lapack")
+        if lapack is not None and lapack.native_call_running():  # OpenBLAS would wait for it at exit
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _left_as_it_was(args) -> str:
+    """What an interrupted run left: every output is written atomically (a folder as a whole)."""
+    if args.command == "reproduce":
+        return f"{args.out} was left as it was (the unfinished run's files were removed)"
+    outs = [p for p in (getattr(args, "json", None), args.out if args.command == "train" else None,
+                        getattr(args, "figure", None)) if p]
+    return ("no output was written or replaced" if not outs else
+            f"{' and '.join(map(str, outs))} {'was' if len(outs) == 1 else 'were'} not written or replaced")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 import time
 import zlib
@@ -81,6 +82,17 @@ def architecture_from_flags(model: str | None, hidden, activation: str | None, i
     return arch
 
 
+SEED_MAX = 2**32 - 1  # PRNG keys hold 32-bit seeds: 2**32 would give seed 0's key in float32 mode
+
+
+def check_seed(flag: str, seed) -> None:
+    """Refuse a seed that is not an integer in 0..2**32-1 (None passes: "use --seed")."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SEED_MAX:
+        raise HessianApproxError(f"{flag} is {seed}", f"pass an integer seed from 0 to {SEED_MAX}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     """Everything that defines a run; every command-line flag maps to one field."""
@@ -94,11 +106,13 @@ class Options:
     activation: str | None = None  # None: as the architecture says (relu for the presets)
     loss: str = "cross_entropy"
     hessian_samples: int | None = None  # None: DEFAULT_SAMPLES["mlp" or "cnn"]
-    seed: int = 0
+    seed: int = 0  # training; also the subset and the probes unless their own seeds are given
+    subset_seed: int | None = None  # None: seed
+    probe_seed: int | None = None  # None: seed
     dtype: str = "float32"
     checkpoint: str | None = None
     chunk_size: int | None = None  # None: chunk_sizes(arch)
-    epochs: int | None = None  # None: 5 for MNIST, 100 for the 20x smaller digits set
+    epochs: int | None = None  # None: 5 for 10,000 samples or more (MNIST), else 100 (digits)
     k: int = 10
     power_max_iter: int = 100
     power_tol: float = 1e-3
@@ -132,8 +146,12 @@ class Options:
             raise HessianApproxError(f"--tol is {self.tol}", "pass a relative tolerance in (0, 1), e.g. 1e-6")
         if self.block_size < 1:
             raise HessianApproxError(f"--block-size is {self.block_size}", "pass a positive number")
-        if self.seed < 0:
-            raise HessianApproxError(f"--seed is {self.seed}", "pass a seed >= 0")
+        for name in ("seed", "subset_seed", "probe_seed"):
+            check_seed(f"--{name.replace('_', '-')}", getattr(self, name))
+        for name in ("power_tol", "pyhessian_trace_tol"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise HessianApproxError(f"--{name.replace('_', '-')} is {value}", "pass a finite tolerance >= 0, e.g. 1e-3")
         if self.epochs is not None and self.epochs < 1:
             raise HessianApproxError(f"--epochs is {self.epochs}", "pass a positive number")
         if self.weights and self.checkpoint:
@@ -158,9 +176,21 @@ class Context:
         self.dtype = jnp.float64 if options.dtype == "float64" else jnp.float32
         self.train_info: dict = {}
 
+    @property
+    def subset_seed(self) -> int:
+        """Seed of the Hessian subset: --subset-seed, else --seed."""
+        o = self.options
+        return o.seed if o.subset_seed is None else o.subset_seed
+
+    @property
+    def probe_seed(self) -> int:
+        """Seed of every random probe and start vector: --probe-seed, else --seed."""
+        o = self.options
+        return o.seed if o.probe_seed is None else o.probe_seed
+
     def key(self, name: str) -> jax.Array:
-        """A PRNG key for ``name``, derived from --seed (each method its own stream)."""
-        return jax.random.fold_in(jax.random.PRNGKey(self.options.seed), zlib.crc32(name.encode()) % (2**31))
+        """A PRNG key for ``name``, derived from the probe seed (each method its own stream)."""
+        return jax.random.fold_in(jax.random.PRNGKey(self.probe_seed), zlib.crc32(name.encode()) % (2**31))
 
     @functools.cached_property
     def dataset(self) -> data.Dataset:
@@ -249,7 +279,7 @@ class Context:
     def train(self):
         """Train the network from --seed; returns (params, info with accuracies)."""
         o = self.options
-        epochs = o.epochs or (5 if self.dataset.name == "mnist" else 100)
+        epochs = o.epochs or (5 if len(self.dataset.x_train) >= 10000 else 100)
         cfg = train.TrainConfig(epochs=epochs, seed=o.seed, loss=o.loss)
         log(f"training {self.arch.describe()} on {self.dataset.name} for {epochs} epochs (seed {o.seed})")
         bar = progress_bar(epochs, "train")
@@ -272,7 +302,7 @@ class Context:
     def subset(self):
         """The fixed, seeded Hessian subset (x (n, *input_shape), y (n,))."""
         x, y = data.hessian_subset(self.dataset.x_train, self.dataset.y_train,
-                                   self.hessian_samples, self.options.seed)
+                                   self.hessian_samples, self.subset_seed)
         return models.as_inputs(self.arch, x), y
 
     @functools.cached_property
@@ -318,9 +348,25 @@ class Context:
         return self.dense(operators.ggn_vp(self.problem), "GGN columns")
 
     def point(self) -> dict:
-        """The loss and gradient norm at the weights, over the Hessian subset (the record's "point")."""
-        g = np.asarray(operators.gradient(self.problem))
-        return {"loss": float(operators.loss(self.problem)), "gradient_norm": float(np.linalg.norm(g))}
+        """The loss and gradient norm at the weights, over the Hessian subset (the record's "point").
+
+        Raises HessianApproxError when either is NaN or Inf: no curvature can be finite there.
+        """
+        if "_point" not in self.__dict__:
+            g = np.asarray(operators.gradient(self.problem))
+            point = {"loss": float(operators.loss(self.problem)), "gradient_norm": float(np.linalg.norm(g))}
+            for what, value in point.items():
+                if not np.isfinite(value):
+                    raise HessianApproxError(f"the {what.replace('_', ' ')} at these weights is {value}",
+                                             self.overflow_hint())
+            self._point = point
+        return self._point
+
+    def overflow_hint(self) -> str:
+        """The fix for a non-finite loss or curvature, naming the weights' scale (one line)."""
+        big = max(float(np.max(np.abs(np.asarray(v)), initial=0.0)) for v in models.flatten_tree(self.params).values())
+        return (f"the largest |weight| is {big:.3g} and the curvature overflows {self.options.dtype} at this scale: "
+                "check the checkpoint (a diverged run, wrong units) or use --dtype float64")
 
     def provenance(self) -> dict:
         from benchmarks.record import machine, versions
@@ -329,7 +375,8 @@ class Context:
         ds = self.dataset
         _ = self.params  # fills self.train_info
         return {**ds.provenance(), "input_layout": models.input_layout(self.arch, ds.x_train[:1]),
-                "hessian_samples": self.hessian_samples, "subset_seed": o.seed,
+                "hessian_samples": self.hessian_samples, "subset_seed": self.subset_seed,
+                "probe_seed": self.probe_seed,
                 "model": self.arch.describe(), "architecture": self.arch.to_dict(),
                 "num_params": self.arch.num_params, "loss": o.loss, "dtype": o.dtype, "seed": o.seed,
                 "kfac_approx": o.kfac_approx, "chunk_size": self.chunk_size, "dense_columns": self.dense_columns, "devices": [str(d) for d in jax.devices()],

@@ -28,7 +28,7 @@ def crosscheck(ctx, num_vectors: int = 3) -> dict:
                    "rel_err": abs(l_jax - l_torch) / abs(l_jax)}
     g_jax = np.asarray(jax.jit(lambda: operators.gradient(ctx.problem))())
     out["gradient"] = metrics.compare_vectors(permutation.to_jax_vector(g_torch, spec), g_jax)
-    rng = np.random.default_rng(ctx.options.seed)
+    rng = np.random.default_rng(ctx.probe_seed)
     errs = []
     for _ in range(num_vectors):
         v = rng.standard_normal(ctx.problem.dim).astype(np.dtype(ctx.options.dtype))

@@ -52,7 +52,7 @@ def eigs_study(ctx, k: int = 10, tol: float = 1e-6, torch_ok: bool = True) -> di
         runs = []
         for ph_tol in (1e-3, 1e-4, 1e-5, 1e-6, 1e-7):
             r, secs = _timed_twice(lambda: pyhessian_runner.top_eigenvalues(
-                model, x, y, ctx.options.loss, k=k, max_iter=10000, tol=ph_tol, seed=ctx.options.seed))
+                model, x, y, ctx.options.loss, k=k, max_iter=10000, tol=ph_tol, seed=ctx.probe_seed))
             runs.append({"tol": ph_tol, "matvecs": int(r["matvecs"]), "seconds": secs,
                          "max_rel_err": err(r["eigenvalues"])})
             if runs[-1]["max_rel_err"] <= tol:

@@ -24,7 +24,8 @@ def _plt():
 
 
 def _save(fig, path: Path) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png",
+                                                  metadata={"Software": "hessian-approx"}))
     _plt().close(fig)
 
 

@@ -81,6 +81,11 @@ def spectrum_entry(ctx, which: str) -> dict:
     if which not in cache:
         matrix, t_dense = ctx.hessian if which == "hessian" else ctx.ggn
         from benchmarks.context import log
+        from jax_impl.errors import HessianApproxError
+
+        if not np.isfinite(matrix).all():  # before a long eigendecomposition that cannot succeed
+            bad = int(matrix.size - np.count_nonzero(np.isfinite(matrix)))
+            raise HessianApproxError(f"the dense {which} holds {bad} NaN or Inf entries", ctx.overflow_hint())
 
         log(f"eigendecomposition of the {matrix.shape[0]}x{matrix.shape[0]} {which} ...")
         evals, t_eig = timed(algorithms.eigvalsh_descending, matrix)
@@ -97,12 +102,17 @@ def spectrum_entry(ctx, which: str) -> dict:
     return cache[which]
 
 
-@method("exact", check_dense_fits)
+def check_dense(ctx) -> None:
+    check_k(ctx)
+    check_dense_fits(ctx)
+
+
+@method("exact", check_dense)
 def exact(ctx):
     return spectrum_entry(ctx, "hessian")
 
 
-@method("ggn", check_dense_fits)
+@method("ggn", check_dense)
 def ggn(ctx):
     return spectrum_entry(ctx, "ggn")
 
@@ -155,10 +165,32 @@ def slq_entry(nodes, weights, dim: int) -> dict:
 
 
 def preflight(ctx, names) -> None:
-    """Run the checks of the named methods (raises HessianApproxError before any work)."""
+    """Run the checks of the named methods, then check the loss and gradient at the weights are finite
+    (raises HessianApproxError before any curvature is computed)."""
     for name in names:
         if name in CHECKS:
             CHECKS[name](ctx)
+    ctx.point()
+
+
+# the quantities an entry reports; a NaN or Inf in any of them is an error, never a blank cell
+CHECKED_FIELDS = ("eigenvalues", "trace", "spectrum", "sum_eigenvalues", "diagonal", "nodes", "weights")
+
+
+def check_entry_finite(ctx, name: str, entry: dict) -> None:
+    """Raise HessianApproxError naming ``name`` when a reported quantity of its entry is NaN or Inf."""
+    from jax_impl.errors import HessianApproxError
+
+    for field in CHECKED_FIELDS:
+        value = entry.get(field) if isinstance(entry, dict) else None
+        if value is None and field in ("eigenvalues", "trace") and isinstance(entry, dict) and field in entry:
+            raise HessianApproxError(f"{name} produced no {field} (NaN or Inf)", ctx.overflow_hint())
+        if value is None:
+            continue
+        a = np.asarray(value, dtype=np.float64)
+        if not np.all(np.isfinite(a)):
+            raise HessianApproxError(f"{name} produced {np.size(a) - np.count_nonzero(np.isfinite(a))} NaN or Inf "
+                                     f"value(s) in its {field}", ctx.overflow_hint())
 
 
 def run_methods(ctx, names, record: dict, on_error: str = "raise") -> dict:
@@ -175,7 +207,9 @@ def run_methods(ctx, names, record: dict, on_error: str = "raise") -> dict:
     for name in names:
         log(f"running {name}: {TABLE[name].description}")
         try:
-            record["results"][name] = METHODS[name](ctx)
+            entry = METHODS[name](ctx)
+            check_entry_finite(ctx, name, entry)
+            record["results"][name] = entry
         except HessianApproxError as err:
             if on_error != "record":
                 raise

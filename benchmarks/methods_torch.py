@@ -66,7 +66,7 @@ def pyhessian_eigs(ctx):
     model, x, y = twin(ctx)
     o = ctx.options
     r = pyhessian_runner.top_eigenvalues(model, x, y, o.loss, k=o.k, max_iter=o.power_max_iter,
-                                         tol=o.power_tol, seed=o.seed)
+                                         tol=o.power_tol, seed=ctx.probe_seed)
     return {"eigenvalues": np.sort(r["eigenvalues"])[::-1].tolist(),
             "eigenvalues_found_order": r["eigenvalues"].tolist(), "matvecs": r["matvecs"],
             "seconds": r["seconds"], "settings": r["settings"]}
@@ -79,7 +79,7 @@ def pyhessian_trace(ctx):
     model, x, y = twin(ctx)
     o = ctx.options
     r = pyhessian_runner.trace(model, x, y, o.loss, max_iter=o.hutchinson_samples, tol=o.pyhessian_trace_tol,
-                               seed=o.seed)
+                               seed=ctx.probe_seed)
     est = np.asarray(r["estimates"])
     stderr = float(est.std(ddof=1) / np.sqrt(len(est))) if len(est) > 1 else None
     return {"trace": r["trace"], "stderr": stderr, "estimates": r["estimates"], "matvecs": r["matvecs"],
@@ -92,7 +92,7 @@ def pyhessian_density(ctx):
 
     model, x, y = twin(ctx)
     o = ctx.options
-    r = pyhessian_runner.density(model, x, y, o.loss, iters=o.slq_steps, n_v=o.slq_runs, seed=o.seed)
+    r = pyhessian_runner.density(model, x, y, o.loss, iters=o.slq_steps, n_v=o.slq_runs, seed=ctx.probe_seed)
     return {**slq_entry(r["nodes"], r["weights"], ctx.problem.dim), "matvecs": r["matvecs"],
             "seconds": r["seconds"], "settings": r.get("settings", {})}
 
@@ -109,7 +109,7 @@ def backpack_structure(ctx, name: str):
         model, x, y = twin(ctx)
         # BackPACK extends the module in place (hooks); keep the shared twin clean
         res = run_backpack(copy.deepcopy(model), x, y, ctx.options.loss, name, mc_samples=ctx.options.mc_samples,
-                           seed=ctx.options.seed)
+                           seed=ctx.probe_seed)
         dtype = jnp.float64 if ctx.options.dtype == "float64" else jnp.float32
         conv = to_diagonal if name.startswith("diag") else to_kronecker
         cache[name] = (conv(res, ctx.arch, dtype=dtype), res["seconds"])

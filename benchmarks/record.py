@@ -15,6 +15,7 @@ import numpy as np
 from jax_impl.fileio import atomic_write
 
 SCHEMA_VERSION = 1
+REL_FLOOR = 1e-6  # relative errors use max(|reference|, REL_FLOOR x the reference's scale)
 
 
 def versions() -> dict:
@@ -86,7 +87,9 @@ def compare_to_reference(record: dict, reference: str = "exact", k: int | None =
     """Errors of every method against ``reference`` (top-k eigenvalues, trace).
 
     Returns {method: {"max_rel_err_topk": ..., "rel_err_trace": ...}} for the methods
-    that share a quantity with the reference; relative errors are |a-b|/|b|.
+    that share a quantity with the reference. Relative errors are |a-b|/max(|b|, floor) with
+    floor = REL_FLOOR·|b|max: an eigenvalue below a millionth of the largest (a zero one, say)
+    is compared relative to the spectrum's scale, not to its own round-off.
     """
     results = record["results"]
     ref = results.get(reference)
@@ -102,9 +105,12 @@ def compare_to_reference(record: dict, reference: str = "exact", k: int | None =
             b = np.asarray(ref["eigenvalues"], float)
             m = min(len(a), len(b), k or len(a))
             if m:
-                row["max_rel_err_topk"] = float(np.max(np.abs(a[:m] - b[:m]) / np.maximum(np.abs(b[:m]), 1e-30)))
+                floor = max(REL_FLOOR * float(np.max(np.abs(b))), np.finfo(np.float64).tiny)
+                row["max_rel_err_topk"] = float(np.max(np.abs(a[:m] - b[:m]) / np.maximum(np.abs(b[:m]), floor)))
         if ref.get("trace") is not None and entry.get("trace") is not None:
-            row["rel_err_trace"] = abs(entry["trace"] - ref["trace"]) / max(abs(ref["trace"]), 1e-30)
+            scale = float(np.sum(np.abs(ref["spectrum"]))) if ref.get("spectrum") else abs(ref["trace"])
+            row["rel_err_trace"] = abs(entry["trace"] - ref["trace"]) / max(abs(ref["trace"]), REL_FLOOR * scale,
+                                                                            np.finfo(np.float64).tiny)
         if row:
             out[name] = row
     return out

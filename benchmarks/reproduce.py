@@ -14,7 +14,7 @@ from benchmarks.methods import preflight, run_methods
 from benchmarks.registry import resolve
 from jax_impl import algorithms
 from jax_impl.checkpoint import save_checkpoint
-from jax_impl.fileio import atomic_write
+from jax_impl.fileio import atomic_write, staged_dir
 
 from benchmarks.table import approximations, counterpart
 from jax_impl.errors import HessianApproxError
@@ -60,19 +60,27 @@ def reproduce(ctx: Context, out_dir, sweep_samples: int = 1000, sweep_seeds: int
               trace_study_matvecs: int | None = None, trace_study_seeds: int = 20) -> dict:
     """Run the study into ``out_dir``: results.json, report.md, six figures, model.safetensors.
 
-    ``trace_study_matvecs``: largest budget of the trace-estimator study (None: 384 for an MLP,
-    96 otherwise; 0 skips it), over ``trace_study_seeds`` seeds.
+    The files are written into a hidden staging folder beside ``out_dir`` that replaces it as a
+    whole at the end (``fileio.staged_dir``): an interrupted or failed run leaves ``out_dir`` as
+    it was. ``trace_study_matvecs``: largest budget of the trace-estimator study (None: 384 for
+    an MLP, 96 otherwise; 0 skips it), over ``trace_study_seeds`` seeds.
     """
-    from benchmarks.figures import draw_all
-    from benchmarks.report import report_markdown
-
-    out = Path(out_dir)
     if sweep_seeds < 2 or sweep_samples < 10:
         raise HessianApproxError(f"--sweep-seeds {sweep_seeds} / --sweep-samples {sweep_samples} are too small",
                                  "pass --sweep-seeds >= 2 and --sweep-samples >= 10")
     names, skipped = resolve(METHODS, missing_torch="skip")
     _ = ctx.subset
     preflight(ctx, names)
+    with staged_dir(out_dir) as out:
+        return _reproduce(ctx, out, names, skipped, sweep_samples, sweep_seeds, trace_study_matvecs,
+                          trace_study_seeds)
+
+
+def _reproduce(ctx, out: Path, names, skipped, sweep_samples, sweep_seeds, trace_study_matvecs,
+               trace_study_seeds) -> dict:
+    from benchmarks.figures import draw_all
+    from benchmarks.report import report_markdown
+
     t0 = time.perf_counter()
     record = rec.new_record("reproduce", ctx.provenance())
     if not ctx.options.checkpoint:

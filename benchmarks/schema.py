@@ -23,7 +23,7 @@ RECORD = {
             "required": ["dataset", "dataset_note", "hessian_samples", "model", "num_params",
                          "dtype", "seed", "devices", "versions"],
             "properties": {
-                "dataset": {"enum": ["mnist", "digits"]},
+                "dataset": {"type": "string"},
                 "hessian_samples": {"type": "integer", "minimum": 1},
                 "num_params": {"type": "integer", "minimum": 1},
                 "dtype": {"enum": ["float32", "float64"]},

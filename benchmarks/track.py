@@ -84,15 +84,20 @@ def run_track(args) -> int:
     from benchmarks.context import Context, log, progress_bar
     from benchmarks.figures_track import fig_track
     from jax_impl import data, losses, models, sharding
-    from jax_impl.fileio import check_writable_file
+    from benchmarks.cli import input_paths
+    from jax_impl.errors import HessianApproxError
+    from jax_impl.fileio import check_output, check_writable_file, same_path
     from jax_impl.track_loop import track
     from jax_impl.tracking import TrackerConfig, adam_preconditioner
 
     s = settings_from(args)
     json_path = args.json or "track.json"
     figure = args.figure or str(json_path).rsplit(".", 1)[0] + ".png"
-    check_writable_file(json_path)
-    check_writable_file(figure)
+    if same_path(json_path, figure):
+        raise HessianApproxError(f"--figure {figure} is the --json path", "give the figure its own path (.png)")
+    for flag, path in (("--json", json_path), ("--figure", figure)):
+        check_writable_file(path)
+        check_output(path, flag, input_paths(args), args.force)
     from benchmarks.cli import options_from
 
     ctx = Context(options_from(args))
@@ -107,7 +112,8 @@ def run_track(args) -> int:
     params = ctx.params if (ctx.options.checkpoint or ctx.options.weights) else models.cast_params(
         models.init_params(arch, jax.random.PRNGKey(ctx.options.seed)), ctx.dtype)
     hs = min(ctx.options.hessian_samples or n, n)
-    xs, ys = data.hessian_subset(x, y, hs, ctx.options.seed + 1) if hs < n else (x, y)
+    subset_seed = ctx.options.seed + 1 if ctx.options.subset_seed is None else ctx.options.subset_seed
+    xs, ys = data.hessian_subset(x, y, hs, subset_seed) if hs < n else (x, y)
     fixed = sharding.sharded_batches(xs, ys, min(ctx.chunk_size, hs), dtype=ctx.dtype)
     curvature = fixed if args.curvature == "subset" else "batch"
     opt = (optax.adam(args.lr, ADAM_B1, ADAM_B2, ADAM_EPS) if args.optimizer == "adam"
@@ -166,7 +172,7 @@ def track_provenance(ctx, n: int, batch_size: int, hs: int) -> dict:
     return {**ds.provenance(), "input_layout": models.input_layout(ctx.arch, ds.x_train[:1]),
             "train_samples": n, "batch_size": batch_size, "hessian_samples": hs, "model": ctx.arch.describe(),
             "architecture": ctx.arch.to_dict(), "num_params": ctx.arch.num_params, "loss": o.loss,
-            "dtype": o.dtype, "seed": o.seed, "chunk_size": ctx.chunk_size,
+            "dtype": o.dtype, "seed": o.seed, "probe_seed": ctx.probe_seed, "chunk_size": ctx.chunk_size,
             "devices": [str(d) for d in jax.devices()], "machine": machine(), "versions": versions(),
             "weights": weights}
 

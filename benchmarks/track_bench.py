@@ -373,7 +373,7 @@ def format_summary(rec: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.track_bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mlp", choices=MODELS)
-    p.add_argument("--dataset", default="mnist", choices=["mnist", "digits"])
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "digits"])
     p.add_argument("--data-dir", default=None, help="MNIST IDX directory (default: $HESSIAN_APPROX_DATA or ../shared/data/mnist)")
     p.add_argument("--samples", type=int, default=5000, help="the first N training images (default 5000)")
     p.add_argument("--lr", type=float, default=0.1)

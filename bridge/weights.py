@@ -139,7 +139,7 @@ def save_from_torch(path, model, arch, metadata: dict | None = None) -> None:
       HessianApproxError naming the layer when the model does not match ``arch``, or the tensor
       when a weight holds NaN/Inf.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     arch = architecture(arch)
     tree = torch_to_flax(state_dict_from_torch(model, arch), arch)
@@ -152,4 +152,4 @@ def save_from_torch(path, model, arch, metadata: dict | None = None) -> None:
     except TypeError as err:
         raise HessianApproxError(f"the metadata is not JSON-serializable ({err})",
                                  "pass plain dicts, lists, strings and numbers") from None
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(save(tensors, metadata=meta)))

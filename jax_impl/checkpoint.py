@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from jax_impl.errors import HessianApproxError, check_finite
 from jax_impl.fileio import atomic_write
@@ -23,7 +23,7 @@ def save_checkpoint(path, params, arch: Architecture, metadata: dict | None = No
     for name, value in tensors.items():
         check_finite(f"the weights {name}", value)
     meta = {"spec": arch.to_json(), "layout": LAYOUT, "metadata": json.dumps(metadata or {})}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(save(tensors, metadata=meta)))
 
 
 def load_checkpoint(path, arch: Architecture | None = None):
@@ -35,6 +35,9 @@ def load_checkpoint(path, arch: Architecture | None = None):
     stored architecture.
     """
     path = Path(path)
+    if path.is_dir():
+        raise HessianApproxError(f"checkpoint {path} is a folder", "pass the .safetensors file, e.g. "
+                                 f"{path / 'model.safetensors'}")
     if not path.is_file():
         raise HessianApproxError(f"checkpoint {path} does not exist", "run `hessian-approx train` first or fix --checkpoint")
     try:

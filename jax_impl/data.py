@@ -166,7 +166,7 @@ def load_idx_dir(data_dir, dataset: str = "mnist") -> Dataset:
     data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
     if not os.path.isdir(data_dir):
         raise HessianApproxError(
-            f"{label} data directory {data_dir} does not exist",
+            f"{label} data directory {data_dir} {'is a file, not a folder' if os.path.exists(data_dir) else 'does not exist'}",
             "point --data-dir at the folder with the IDX files, or use --dataset digits" if dataset != "mnist"
             else "point --data-dir/HESSIAN_APPROX_DATA at the folder with the IDX files, or use --dataset digits",
         )

@@ -229,12 +229,35 @@ def _reason(err: BaseException, timeout: float) -> _Failed:
     return _Failed(f"{type(cause).__name__}: {text[0] if text else ''}".rstrip(": "), dead=isinstance(cause, OSError))
 
 
+def _lookup_within(host: str, timeout: float) -> None:
+    """Resolve ``host`` in a daemon thread: urllib's timeout does not cover the name lookup,
+    which can hang for minutes on a machine with a broken resolver."""
+    import threading
+
+    box: dict = {}
+    done = threading.Event()
+
+    def lookup():
+        try:
+            socket.getaddrinfo(host, None)
+        except OSError as err:
+            box["err"] = err
+        done.set()
+
+    threading.Thread(target=lookup, daemon=True, name="hessian-approx-dns").start()
+    if not done.wait(timeout):
+        raise _Failed(f"host name lookup took longer than {timeout:g} s", dead=True)
+    if isinstance(box.get("err"), socket.gaierror):
+        raise _Failed("host name lookup failed (offline?)", dead=True)
+
+
 def _download_to(url: str, tmp: str, expected: tuple, timeout: float, show: bool) -> None:
     """Stream ``url`` into ``tmp``, hashing as it goes; _Failed on any network or checksum problem."""
     md5_hex, sha_hex, size = expected
     md5, sha, done = hashlib.md5(), hashlib.sha256(), 0
     name, host = url.rsplit("/", 1)[-1], urllib.parse.urlsplit(url).netloc
     req = urllib.request.Request(url, headers={"User-Agent": "hessian-approx (urllib)"})
+    _lookup_within(urllib.parse.urlsplit(url).hostname or "", timeout)
     try:
         resp = urllib.request.urlopen(req, timeout=timeout)  # noqa: S310  (http(s) only, checked in mirror_urls)
     except (OSError, http.client.HTTPException, ValueError) as e:

@@ -33,6 +33,9 @@ class TrainConfig:
                 f"training settings {dataclasses.asdict(self)} are invalid",
                 "use epochs >= 1, batch_size >= 1 and learning_rate > 0",
             )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise HessianApproxError(f"training seed {self.seed!r} is not an integer in 0..2**32-1",
+                                     "pass a seed from 0 to 4294967295 (PRNG keys hold 32 bits)")
 
 
 def accuracy(apply: Callable, params, x, y, batch_size: int = 10_000) -> float:
@@ -85,7 +88,7 @@ def train(arch: Architecture, x_train, y_train, config: TrainConfig = TrainConfi
         return jnp.mean(ell(apply(p, xb), yb))
 
     @jax.jit
-    def epoch(carry, perm):
+    def epoch(carry, perm, x, y):  # the data are arguments: captured, XLA would embed them as constants
         def step(c, idx):
             p, s = c
             l, g = jax.value_and_grad(batch_loss)(p, x[idx], y[idx])
@@ -100,7 +103,7 @@ def train(arch: Architecture, x_train, y_train, config: TrainConfig = TrainConfi
     carry = (params, opt_state)
     for e in range(config.epochs):
         perm = jax.random.permutation(jax.random.fold_in(shuffle_key, e), n)
-        carry, mean_loss = epoch(carry, perm)
+        carry, mean_loss = epoch(carry, perm, x, y)
         history["loss"].append(float(mean_loss))
         if not np.isfinite(history["loss"][-1]):
             raise HessianApproxError(

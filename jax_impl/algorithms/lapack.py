@@ -62,24 +62,43 @@ def _syevd_values(a: np.ndarray) -> np.ndarray:
     return w
 
 
+_RUNNING: set = set()  # tokens of the worker calls still inside ``fn``
+
+
+def native_call_running() -> bool:
+    """True while a call started by ``run_interruptibly`` is still running (e.g. after Ctrl-C).
+
+    A process must then leave with ``os._exit``: OpenBLAS's exit handler waits for its
+    worker threads, and the interpreter's shutdown can crash under a running foreign call.
+    """
+    return bool(_RUNNING)
+
+
 def run_interruptibly(fn, *args):
     """``fn(*args)`` in a daemon thread; the caller waits in 0.1 s slices so Ctrl-C and SIGTERM act at once.
 
     Useful only for calls that release the GIL (ctypes foreign calls, XLA executions). If
-    the caller is interrupted, the thread finishes in the background and its result is dropped.
+    the caller is interrupted, the thread finishes in the background and its result is
+    dropped; ``native_call_running()`` says so. (The wait uses an Event, not
+    ``Thread.join``: an interrupted join marks a running thread as stopped, bpo-45274.)
     """
     box: dict = {}
+    done = threading.Event()
+    token = object()
 
     def target():
         try:
             box["out"] = fn(*args)
         except BaseException as err:  # handed to the caller
             box["err"] = err
+        finally:
+            _RUNNING.discard(token)
+            done.set()
 
-    thread = threading.Thread(target=target, daemon=True, name="hessian-approx-lapack")
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.1)
+    _RUNNING.add(token)
+    threading.Thread(target=target, daemon=True, name="hessian-approx-lapack").start()
+    while not done.wait(0.1):
+        pass
     if "err" in box:
         raise box["err"]
     return box["out"]

@@ -69,7 +69,7 @@ def test_trace_and_density(capsys, tmp_path, ckpt):
     (["eigs", *SMALL, "--hutchinson-samples", "0"], "--hutchinson-samples is 0"),
     (["eigs", *SMALL, "--lanczos-steps", "3", "--methods", "lanczos"], "--lanczos-steps 3 is outside"),
     (["density", *SMALL, "--slq-steps", "100000"], "--slq-steps 100000 exceeds"),
-    (["eigs", *SMALL, "--seed", "-1"], "--seed is -1"),
+    (["eigs", *SMALL, "--seed", "-1"], "argument --seed: expected an integer seed from 0 to 4294967295"),
     (["eigs", *SMALL[:2], "--model", "cnn"], "conv16k5 has a 5-wide window but its input is only 2 high"),
     (["eigs", *SMALL[:2], "--model", "conv4k3-relu-flatten-dense7"], "ends in 7 outputs"),
     (["eigs", *SMALL[:2], "--model", "conv4k3-swish-flatten-dense10"], "'swish' is not understood"),

@@ -363,3 +363,14 @@ def test_cli_train_downloads_mnist(serve, mnist_gz, monkeypatch, isolated, tmp_p
     assert code == 2
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "connection refused" in lines[0] and "--dataset digits" in lines[0]
+
+
+def test_hanging_name_lookup_is_bounded_by_the_timeout(monkeypatch, isolated):
+    """urllib's timeout does not cover getaddrinfo; a resolver that hangs must not hang the download."""
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: time.sleep(30))
+    t0 = time.monotonic()
+    with pytest.raises(HessianApproxError) as e:
+        download.fetch("mnist", mirrors="http://example.invalid/a/", timeout=0.5)
+    assert time.monotonic() - t0 < 3  # one lookup, then the mirror is skipped as unreachable
+    assert "host name lookup took longer than 0.5 s" in str(e.value)
+    assert _leftovers(isolated / "mnist") == []
