@@ -247,8 +247,8 @@ def _lookup_within(host: str, timeout: float) -> None:
     threading.Thread(target=lookup, daemon=True, name="hessian-approx-dns").start()
     if not done.wait(timeout):
         raise _Failed(f"host name lookup took longer than {timeout:g} s", dead=True)
-    if isinstance(box.get("err"), socket.gaierror):
-        raise _Failed("host name lookup failed (offline?)", dead=True)
+    if "err" in box:
+        raise _reason(box["err"], timeout)
 
 
 def _download_to(url: str, tmp: str, expected: tuple, timeout: float, show: bool) -> None:
