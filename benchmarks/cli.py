@@ -127,6 +127,9 @@ def add_method_flags(p: argparse.ArgumentParser, default_methods) -> None:
     g.add_argument("--tol", type=float, default=None,
                    help="lanczos-certified: stop when every top-k explicit residual <= tol·|θ₁| "
                         "(default max(1e-6, 1000 eps): 1e-6 in float64, 1.2e-4 in float32)")
+    g.add_argument("--exact-route", default="auto", choices=["auto", "structure", "hvp"],
+                   help="how exact/ggn build the dense matrix: structure (per-layer contractions; Dense/Conv "
+                        "networks, ReLU for the Hessian), hvp (d matvecs, any network); auto: structure where it applies")
     g.add_argument("--block-size", type=int, default=10, help="block-lanczos: vectors per block (default 10)")
     g.add_argument("--blocks", default="per-layer",
                    help="blocks: per-layer (default), per-leaf, or layer names/paths such as Dense_0,Conv_1/kernel")

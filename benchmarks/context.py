@@ -124,6 +124,7 @@ class Options:
     pyhessian_trace_tol: float = 1e-3
     kfac_approx: str = "backpack"
     tol: float | None = None  # lanczos-certified: residual tolerance relative to |θ₁| (None: from the dtype)
+    exact_route: str = "auto"  # dense Hessian/GGN: auto, structure (per-layer contractions) or hvp (d matvecs)
     block_size: int = 10  # block-lanczos
     blocks: str = "per-layer"  # blocks: per-layer, per-leaf, or comma-separated layer names / paths
 
@@ -144,6 +145,8 @@ class Options:
                                      "use backpack, expand or reduce")
         if self.tol is not None and not 0 < self.tol < 1:
             raise HessianApproxError(f"--tol is {self.tol}", "pass a relative tolerance in (0, 1), e.g. 1e-6")
+        if self.exact_route not in ("auto", "structure", "hvp"):
+            raise HessianApproxError(f"--exact-route {self.exact_route!r} is not known", "use auto, structure or hvp")
         if self.block_size < 1:
             raise HessianApproxError(f"--block-size is {self.block_size}", "pass a positive number")
         for name in ("seed", "subset_seed", "probe_seed"):
@@ -339,13 +342,43 @@ class Context:
         bar.close()
         return m, time.perf_counter() - t0
 
+    def exact_route(self, which: str) -> str:
+        """"structure" (``approx.exact``: per-layer contractions) or "hvp" (d matvecs) for the dense
+        ``which`` ("hessian" or "ggn"): --exact-route, where "auto" takes structure whenever it applies."""
+        from jax_impl.approx.exact import unsupported
+
+        route = self.options.exact_route
+        if route == "hvp":
+            return "hvp"
+        why = unsupported(self.problem, self.arch, hessian=which == "hessian")
+        if why is None:
+            return "structure"
+        if route == "structure":
+            raise HessianApproxError(f"--exact-route structure cannot build the {which}: {why}",
+                                     "use --exact-route hvp (or auto)")
+        return "hvp"
+
+    def _exact(self, which: str) -> tuple[np.ndarray, float]:
+        from jax_impl.approx.exact import ggn_by_structure, hessian_by_structure
+
+        if self.exact_route(which) == "hvp":
+            op = operators.hvp(self.problem) if which == "hessian" else operators.ggn_vp(self.problem)
+            return self.dense(op, f"{'Hessian' if which == 'hessian' else 'GGN'} columns")
+        log(f"exact {which} by layer structure ({self.arch.num_params} parameters)")
+        build = hessian_by_structure if which == "hessian" else ggn_by_structure
+        t0 = time.perf_counter()
+        m = build(self.problem, self.arch)
+        return m, time.perf_counter() - t0
+
     @functools.cached_property
     def hessian(self) -> tuple[np.ndarray, float]:
-        return self.dense(operators.hvp(self.problem), "Hessian columns")
+        """(dense Hessian, seconds): by layer structure where the network allows, else by Hvps."""
+        return self._exact("hessian")
 
     @functools.cached_property
     def ggn(self) -> tuple[np.ndarray, float]:
-        return self.dense(operators.ggn_vp(self.problem), "GGN columns")
+        """(dense GGN, seconds): by layer structure where the network allows, else by GGN-vps."""
+        return self._exact("ggn")
 
     def point(self) -> dict:
         """The loss and gradient norm at the weights, over the Hessian subset (the record's "point").
@@ -379,5 +412,5 @@ class Context:
                 "probe_seed": self.probe_seed,
                 "model": self.arch.describe(), "architecture": self.arch.to_dict(),
                 "num_params": self.arch.num_params, "loss": o.loss, "dtype": o.dtype, "seed": o.seed,
-                "kfac_approx": o.kfac_approx, "chunk_size": self.chunk_size, "dense_columns": self.dense_columns, "devices": [str(d) for d in jax.devices()],
+                "kfac_approx": o.kfac_approx, "exact_route": o.exact_route, "chunk_size": self.chunk_size, "dense_columns": self.dense_columns, "devices": [str(d) for d in jax.devices()],
                 "machine": machine(), "versions": versions(), "weights": self.train_info}

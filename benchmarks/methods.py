@@ -80,6 +80,7 @@ def spectrum_entry(ctx, which: str) -> dict:
     cache = ctx.__dict__.setdefault("_spectra", {})
     if which not in cache:
         matrix, t_dense = ctx.hessian if which == "hessian" else ctx.ggn
+        route = ctx.exact_route(which)
         from benchmarks.context import log
         from jax_impl.errors import HessianApproxError
 
@@ -97,7 +98,8 @@ def spectrum_entry(ctx, which: str) -> dict:
             "eigenvalues": evals[: ctx.options.k].tolist(), "trace": trace,
             "spectrum": evals.tolist(), "sum_eigenvalues": float(np.sum(evals)),
             "seconds": t_dense + t_eig, "seconds_dense": t_dense, "seconds_eigh": t_eig,
-            "seconds_trace": t_dense + t_trace, "matvecs": int(matrix.shape[0]),
+            "seconds_trace": t_dense + t_trace, "matvecs": int(matrix.shape[0]) if route == "hvp" else 0,
+            "route": route,
         }
     return cache[which]
 

@@ -162,3 +162,22 @@ def test_cnn_from_a_layer_string_end_to_end(capsys, tmp_path):
         assert rec["results"]["kflr"]["kfac_approx"] == conv == rec["provenance"]["kfac_approx"]
         traces[conv] = rec["results"]["kflr"]["trace"]
     assert abs(traces["reduce"] - traces["expand"]) > 1e-3 * abs(traces["expand"])
+
+
+def test_exact_routes_agree(capsys, tmp_path, ckpt):
+    """--exact-route structure (per-layer contractions) and hvp (d Hvps) give the same spectrum;
+    structure refuses a smooth network in one line."""
+    spectra = {}
+    for route in ("structure", "hvp"):
+        js = tmp_path / f"{route}.json"
+        code, _, err = run(capsys, "eigs", *SMALL, "--checkpoint", str(ckpt), "--methods", "exact,ggn",
+                           "--exact-route", route, "--json", str(js))
+        assert code == 0, err
+        rec = json.loads(js.read_text())
+        assert rec["results"]["exact"]["route"] == route and rec["provenance"]["exact_route"] == route
+        spectra[route] = (np.asarray(rec["results"]["exact"]["spectrum"]), np.asarray(rec["results"]["ggn"]["spectrum"]))
+    for a, b in zip(spectra["structure"], spectra["hvp"]):
+        np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max())  # float32 sums in another order
+    code, _, err = run(capsys, "eigs", *SMALL, "--activation", "tanh", "--methods", "exact",
+                       "--exact-route", "structure")
+    assert code == 2 and "needs a piecewise-linear network, but layer 1 is tanh" in err.strip().splitlines()[-1]
