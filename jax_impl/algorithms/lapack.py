@@ -121,3 +121,36 @@ def eigvalsh_lapack(matrix) -> np.ndarray:
                                  "the curvature overflowed: check the weights' scale or use --dtype float64")
     a = np.array(m, order="C", copy=True)
     return run_interruptibly(_syevd_values, a)
+
+
+def _lapacke(name: str):
+    """``scipy_LAPACKE_<name>`` from the OpenBLAS build SciPy bundles (LAPACKE's C interface), or None."""
+    import glob
+    import os
+
+    import scipy
+
+    libs = sorted(glob.glob(os.path.join(os.path.dirname(scipy.__file__), os.pardir, "scipy.libs", "*openblas*.so*")))
+    for path in libs:
+        try:
+            return getattr(ctypes.CDLL(path), f"scipy_LAPACKE_{name}")
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _syevd_2stage_values(a: np.ndarray) -> np.ndarray:
+    """Ascending eigenvalues by LAPACK's two-stage ``?syevd_2stage`` (values only); ``a`` is overwritten."""
+    real = np.float64 if a.dtype == np.float64 else np.float32
+    fn = _lapacke(("d" if real == np.float64 else "s") + "syevd_2stage")
+    if fn is None:
+        raise HessianApproxError("SciPy's OpenBLAS has no LAPACKE ?syevd_2stage", "use driver='syevd'")
+    ptr = ctypes.POINTER(ctypes.c_double if real == np.float64 else ctypes.c_float)
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char, ctypes.c_int, ptr, ctypes.c_int, ptr]
+    n = a.shape[0]
+    w = np.empty(n, real)
+    info = fn(102, b"N", b"U", n, a.ctypes.data_as(ptr), n, w.ctypes.data_as(ptr))  # 102: column major
+    if info != 0:
+        raise HessianApproxError(f"LAPACK ?syevd_2stage failed (info {info})", "check that the matrix is finite")
+    return w

@@ -59,3 +59,12 @@ def test_interrupt_reaches_the_caller_at_once():
     assert native_call_running()  # the worker is still inside its call ...
     time.sleep(3.2)
     assert not native_call_running()  # ... and done later
+
+
+def test_two_stage_driver_matches():
+    """?syevd_2stage (LAPACKE from SciPy's OpenBLAS; issue 14's eigensolver search) gives the same values."""
+    from jax_impl.algorithms.lapack import _syevd_2stage_values
+
+    a = np.random.default_rng(2).standard_normal((300, 300))
+    a = a + a.T
+    np.testing.assert_allclose(_syevd_2stage_values(a.copy()), np.linalg.eigvalsh(a), atol=1e-12 * np.abs(a).max() * 300)
