@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_impl.algorithms.certified import _certify_core, default_tol
+from jax_impl.algorithms.hutchinson import normal_vector
 from jax_impl.algorithms.lanczos import default_breakdown_tol
 from jax_impl.algorithms.operator import Operator, check_start, require_operator
 from jax_impl.algorithms.results import EigResult
@@ -25,10 +26,12 @@ from jax_impl.errors import HessianApproxError
 def _orthonormalize_block(w: jax.Array, basis: jax.Array, key: jax.Array, tol) -> Tuple[jax.Array, jax.Array]:
     """QR of the rows of ``w`` orthogonal to ``basis``, replacing dependent rows by fresh ones.
 
-    Classical Gram-Schmidt twice per row against ``basis`` and the rows already made. A row
-    whose remaining norm is ``<= tol`` (rank deficiency: the block Krylov space has become
-    invariant in that direction, or ``w`` was dependent) is replaced by the matching row of
-    ``normal(key, (p, dim))`` orthogonalized the same way, with a zero diagonal entry in ``R``.
+    Classical Gram-Schmidt per row against the rows already made (and ``basis``, against which
+    the caller has orthogonalized ``w``), again against both where a pass removed more than
+    half the row's squared norm. A row whose remaining norm is ``<= tol`` (rank deficiency:
+    the block Krylov space has become invariant in that direction, or ``w`` was dependent) is
+    replaced by the matching row of ``normal(key, (p, dim))`` orthogonalized against both,
+    with a zero diagonal entry in ``R``.
 
     Args:
       w: ``(p, dim)`` rows.
@@ -42,16 +45,28 @@ def _orthonormalize_block(w: jax.Array, basis: jax.Array, key: jax.Array, tol) -
       the caller has already removed).
     """
     p, dim = w.shape
-    spare = jax.random.normal(key, (p, dim), w.dtype)  # drawn once, outside the column loop
 
-    def orth(x, q):
-        coef = jnp.zeros((p,), w.dtype)
-        for _ in range(2):
-            h = q @ x
-            x = x - q.T @ h
-            coef = coef + h
-            x = x - basis.T @ (basis @ x)
-        return x, coef
+    def once(x, q):  # one classical Gram-Schmidt pass against the rows made and the basis
+        h = q @ x
+        x = x - q.T @ h
+        return x - basis.T @ (basis @ x), h
+
+    def orth(x, q, fresh=False):
+        # The caller has orthogonalized w against the basis, so a row of w needs the basis
+        # again only if the rows made cancel most of it; a fresh random row always does.
+        # Twice only where a pass removed more than half the squared norm (see
+        # lanczos._reorthogonalize): the skipped passes change the result by rounding only.
+        if fresh:
+            x1, h1 = once(x, q)
+        else:
+            h1 = q @ x
+            x1 = x - q.T @ h1
+
+        def twice():
+            x2, h2 = once(x1, q)
+            return x2, h1 + h2
+
+        return jax.lax.cond(2 * jnp.vdot(x1, x1) < jnp.vdot(x, x), twice, lambda: (x1, h1))
 
     def column(c, carry):
         q, r = carry
@@ -59,8 +74,8 @@ def _orthonormalize_block(w: jax.Array, basis: jax.Array, key: jax.Array, tol) -
         nrm = jnp.linalg.norm(x)
         broke = nrm <= tol
 
-        def fresh():
-            z, _ = orth(spare[c], q)
+        def fresh():  # row c of normal(key, (p, dim)), drawn only here
+            z, _ = orth(normal_vector(key, (p, dim), w.dtype, row=c), q, fresh=True)
             return z / jnp.linalg.norm(z)
 
         x = jax.lax.cond(broke, fresh, lambda: x / jnp.where(nrm > 0, nrm, 1).astype(w.dtype))
@@ -76,7 +91,7 @@ def block_lanczos_tridiag(op: Operator, v0: jax.Array, num_blocks: int, *, key: 
 
     With ``X_j = V_j^T`` the ``(dim, p)`` block ``j``: ``A_j = X_j^T A X_j``,
     ``W = A X_j - X_j A_j - X_{j-1} B_{j-1}^T``, ``W`` orthogonalized against every earlier
-    block (classical Gram-Schmidt twice), then ``W = X_{j+1} B_j`` (QR,
+    block (classical Gram-Schmidt, twice where the first pass cancels), then ``W = X_{j+1} B_j`` (QR,
     :func:`_orthonormalize_block`, dependent columns replaced by fresh random ones with a
     zero row in ``B_j``: deflation-free breakdown handling). In exact arithmetic
     ``A X = X T + X_{m+1} B_m E_m^T`` with ``T = X^T A X`` block tridiagonal: diagonal blocks
@@ -140,8 +155,9 @@ def block_lanczos_tridiag(op: Operator, v0: jax.Array, num_blocks: int, *, key: 
         aj = vj @ av.T
         aj = (aj + aj.T) / 2
         w = av - aj @ vj - bprev @ vprev  # rows: A X_j - X_j A_j - X_{j-1} B_{j-1}^T, transposed
-        for _ in range(2):
-            w = w - (w @ basis.T) @ basis
+        w1 = w - (w @ basis.T) @ basis
+        cancelled = jnp.any(2 * jnp.sum(w1 * w1, axis=1) < jnp.sum(w * w, axis=1))
+        w = jax.lax.cond(cancelled, lambda: w1 - (w1 @ basis.T) @ basis, lambda: w1)
         scale = jnp.maximum(scale, jnp.max(jnp.abs(aj)))
         scale = jnp.maximum(scale, jnp.max(jnp.linalg.norm(w, axis=1)))
         q, r = _orthonormalize_block(w, basis, jax.random.fold_in(key, j), breakdown_tol * scale)
@@ -209,7 +225,7 @@ def block_lanczos(op: Operator, key: Optional[jax.Array], k: int, block_size: in
         if key is None:
             raise HessianApproxError("neither key nor v0 given", "pass a PRNG key or a start block v0")
         start_key, restart_key = jax.random.split(key)
-        v0 = jax.random.normal(start_key, (p, dim), op.dtype)
+        v0 = normal_vector(start_key, (p, dim), op.dtype)
     else:
         v0 = check_start(op, v0, (p, dim), "v0")
         if key is not None:

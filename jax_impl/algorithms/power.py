@@ -7,6 +7,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jax_impl.algorithms.hutchinson import normal_vector
 from jax_impl.algorithms.operator import Operator, check_start, require_operator
 from jax_impl.algorithms.results import EigResult
 from jax_impl.errors import HessianApproxError
@@ -134,7 +135,7 @@ def power_iteration(
     if v0 is None:
         if key is None:
             raise HessianApproxError("neither key nor v0 given", "pass a PRNG key or start vectors v0")
-        v0 = jax.vmap(lambda kk: jax.random.normal(kk, (dim,), dtype))(jax.random.split(key, k))
+        v0 = jax.vmap(lambda kk: normal_vector(kk, (dim,), dtype))(jax.random.split(key, k))
     else:
         v0 = jnp.asarray(v0)
         if v0.shape == (dim,) and k == 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
@@ -12,7 +14,7 @@ from jax_impl.algorithms.sketch_trace import (apply_columns, check_budget, check
                                               mean_stderr, rank_deficient)
 
 
-def xdiag(op: Operator, key: jax.Array, num_matvecs: int, batch_size: int = 32) -> DiagonalResult:
+def xdiag(op: Operator, key: jax.Array, num_matvecs: int, batch_size: Optional[int] = None) -> DiagonalResult:
     """XDiag: the mean of leave-one-out Diag++ estimates, one per test vector.
 
     ``k = num_matvecs // 2`` Rademacher test vectors ``omega_i`` (:func:`rademacher_probe`
@@ -40,7 +42,7 @@ def xdiag(op: Operator, key: jax.Array, num_matvecs: int, batch_size: int = 32) 
       op: symmetric :class:`Operator` (vmappable); everything is computed in ``op.dtype``.
       key: PRNG key.
       num_matvecs: the budget; ``2 <= num_matvecs // 2 <= dim``.
-      batch_size: matvecs vmapped at once.
+      batch_size: matvecs vmapped at once (default ``default_batch_size(dim)``).
 
     Returns:
       :class:`DiagonalResult` with ``diagonal`` and ``stderr`` (dim,) and ``matvecs = 2k``.

@@ -30,10 +30,11 @@ def slq(
 
     Differences from PyHessian that vanish in exact arithmetic: the start
     vector is normalized exactly (PyHessian divides by ``||v|| + 1e-6``), the
-    reorthogonalization is Gram-Schmidt twice (PyHessian: once), a breakdown
-    is detected with a relative threshold (PyHessian: ``beta == 0`` exactly),
-    and the nodes are in ascending order (PyHessian: ``torch.eig`` order,
-    unsorted; ``torch.eig`` no longer exists in current PyTorch).
+    reorthogonalization is full Gram-Schmidt, repeated where the first pass
+    cancels (PyHessian: once), a breakdown is detected with a relative threshold
+    (PyHessian: ``beta == 0`` exactly), and the nodes are in ascending order
+    (PyHessian: ``torch.eig`` order, unsorted; ``torch.eig`` no longer exists in
+    current PyTorch).
 
     The start vector of run ``r`` is :func:`rademacher_probe`
     ``(jax.random.split(key)[0], r, op.dim, op.dtype)``; breakdown restarts use keys

@@ -25,6 +25,8 @@ from jax_impl.algorithms import (
     trace_pyhessian,
     tridiagonal,
 )
+from jax_impl.algorithms.hutchinson import default_batch_size, hutchinson_diagonal, normal_vector, rademacher_vector
+from jax_impl.algorithms.lanczos import default_breakdown_tol, lanczos_init_state, lanczos_step_fn
 from jax_impl.errors import HessianApproxError
 
 # float64 for this module (jax.enable_x64 per test, no global config change); the float32
@@ -130,6 +132,60 @@ def test_lanczos_breakdown_restarts_with_fresh_vector():
     assert float(betas[2]) == 0.0  # breakdown recorded as a zero coupling
     np.testing.assert_allclose(v @ v.T, np.eye(20), atol=1e-12)
     np.testing.assert_allclose(np.linalg.eigvalsh(t), np.sort(lam), atol=1e-10)
+
+
+def test_lanczos_segments_match_the_single_array_loop():
+    # 70 steps: a basis of three segments (SEGMENT_ROWS = 24), and four distinct eigenvalues, so
+    # the Krylov space breaks down every four steps, across the segment boundaries too.
+    lam = np.repeat([3.0, 1.0, -2.0, 0.5], 20)
+    a, _ = sym_matrix(lam, seed=7)
+    op, m, key = as_matvec(a), 70, jax.random.PRNGKey(1)
+    v0 = jnp.asarray(np.random.default_rng(4).standard_normal(lam.size))
+    basis, alphas, betas = lanczos_tridiag(op, v0, m, key=key)
+    step = lanczos_step_fn(op, key, default_breakdown_tol(lam.size, jnp.float64), m - 1)
+    one_array, alphas1, betas1, _ = jax.lax.fori_loop(0, m, step, lanczos_init_state(v0, m))
+    v, t = np.asarray(basis), np.asarray(tridiagonal(alphas, betas))
+    np.testing.assert_allclose(v @ v.T, np.eye(m), atol=1e-12)
+    np.testing.assert_allclose(v @ a @ v.T, t, atol=1e-11)
+    np.testing.assert_array_equal(np.asarray(betas) == 0, np.asarray(betas1) == 0)  # the same restarts
+    assert int(np.sum(np.asarray(betas)[:-1] == 0)) >= 10
+    ritz = np.linalg.eigvalsh(t)
+    np.testing.assert_allclose(ritz, np.linalg.eigvalsh(np.asarray(tridiagonal(alphas1, betas1))), atol=1e-10)
+    ends = np.flatnonzero(np.asarray(betas)[:-1] == 0) + 1  # blocks of T closed by a breakdown
+    for lo, hi in zip(np.concatenate([[0], ends[:-1]]), ends):
+        block = np.linalg.eigvalsh(t[lo:hi, lo:hi])
+        assert np.min(np.abs(block[:, None] - np.unique(lam)[None, :]), axis=1).max() < 1e-10
+    np.testing.assert_allclose(v[:10], np.asarray(one_array)[:10], atol=1e-12)  # before rounding takes over
+
+
+def test_lanczos_ritz_vectors_from_the_segments():
+    a, _ = sym_matrix(decaying_spectrum(), seed=8)
+    res = lanczos(as_matvec(a), KEY, k=5, num_steps=60)  # 61 rows: three segments
+    y = np.asarray(res.eigenvectors)
+    np.testing.assert_allclose(y @ y.T, np.eye(5), atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(y @ a - np.asarray(res.eigenvalues)[:, None] * y, axis=1),
+                               res.residuals, atol=1e-10)
+
+
+@pytest.mark.parametrize("x64_on", [False, True])
+def test_probes_are_the_jax_random_draws_bit_for_bit(x64_on):
+    with jax.enable_x64(x64_on):
+        dt = jnp.float64 if x64_on else jnp.float32
+        for key in (jax.random.PRNGKey(3), jax.random.key(5), jax.random.key(2, impl="rbg")):  # rbg: fallback
+            for n in (1, 1001):
+                assert jnp.array_equal(rademacher_vector(key, n, dt), jax.random.rademacher(key, (n,), dt))
+                assert jnp.array_equal(normal_vector(key, (n,), jnp.float32), jax.random.normal(key, (n,), jnp.float32))
+                assert jnp.array_equal(normal_vector(key, (3, n), dt), jax.random.normal(key, (3, n), dt))
+        rows = jax.jit(jax.vmap(lambda r: normal_vector(KEY, (3, 999), dt, row=r)))(jnp.arange(3))
+        assert jnp.array_equal(rows, jax.random.normal(KEY, (3, 999), dt))
+        probes = jax.jit(jax.vmap(lambda i: rademacher_probe(KEY, i, 999)))(jnp.arange(5))
+        loop = [jax.random.rademacher(jax.random.fold_in(KEY, i), (999,), jnp.float32) for i in range(5)]
+        assert jnp.array_equal(probes, jnp.stack(loop))
+
+
+def test_default_batch_size_is_a_power_of_two_that_shrinks_with_the_dimension():
+    sizes = [default_batch_size(d) for d in (1, 5994, 7960, 50890, 101770, 203530, 10**7)]
+    assert sizes == [32, 32, 32, 16, 8, 4, 4]
 
 
 # ----------------------------------------------------------------------------- power iteration
@@ -247,6 +303,16 @@ def test_hutchinson_running_arrays_probes_and_batching():
     np.testing.assert_allclose(other.estimates, est, rtol=1e-12)
     record = json.loads(json.dumps(res.to_dict()))
     assert record["matvecs"] == n and record["running_stderr"][0] is None
+
+
+def test_hutchinson_diagonal_batches_and_matches_the_trace_estimate():
+    a, _ = sym_matrix(MIXED, seed=13)
+    runs = [hutchinson_diagonal(as_matvec(a), KEY, num_samples=30, batch_size=b) for b in (1, 7, None)]
+    for r in runs[1:]:
+        np.testing.assert_allclose(r.diagonal, runs[0].diagonal, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(r.stderr, runs[0].stderr, rtol=1e-10)
+    trace = hutchinson(as_matvec(a), KEY, num_samples=30)
+    np.testing.assert_allclose(float(np.sum(runs[0].diagonal)), float(trace.trace), rtol=1e-10)
 
 
 def _numpy_pyhessian_trace(estimates, max_iter, tol):
