@@ -208,13 +208,16 @@ def lanczos_init_state(v0: jax.Array, max_steps: int) -> Tuple[jax.Array, jax.Ar
 
 
 def lanczos_step_fn(op: Operator, key: jax.Array, breakdown_tol, last_step):
-    """The body ``step(i, state) -> state`` of :func:`lanczos_tridiag`'s loop, for reuse in chunks.
+    """A step ``step(i, state) -> state`` of :func:`lanczos_tridiag` on one preallocated basis array.
 
-    Step ``i`` reads ``basis[i]`` (and ``basis[i - 1]``), writes ``alphas[i]``, ``betas[i]``
-    and ``basis[i + 1]``; rows after ``i + 1`` stay zero, so the loop can stop after any
-    step and be resumed later (``lax.fori_loop(lo, hi, step, state)`` with traced bounds),
-    which is how :func:`jax_impl.algorithms.certified.adaptive_lanczos` grows the Krylov
-    space without recompiling. A breakdown at ``i < last_step`` restarts from a fresh vector
+    The same arithmetic as :func:`lanczos_tridiag` (which holds its basis in segments), for
+    loops run in chunks; each step reorthogonalizes against the whole ``(max_steps + 1,
+    dim)`` array, zero rows included. Step ``i`` reads ``basis[i]`` (and ``basis[i - 1]``),
+    writes ``alphas[i]``, ``betas[i]`` and ``basis[i + 1]``; rows after ``i + 1`` stay zero,
+    so the loop can stop after any step and be resumed later (``lax.fori_loop(lo, hi, step,
+    state)`` with traced bounds), which is how
+    :func:`jax_impl.algorithms.certified.adaptive_lanczos` grows the Krylov space without
+    recompiling. A breakdown at ``i < last_step`` restarts from a fresh vector
     ``normal(fold_in(key, i))`` orthogonalized against the basis.
 
     Args:

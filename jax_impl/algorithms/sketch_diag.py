@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax_impl.algorithms.hutchinson import rademacher_probe
 from jax_impl.algorithms.operator import Operator, require_operator
 from jax_impl.algorithms.results import DiagonalResult
-from jax_impl.algorithms.sketch_trace import (apply_columns, check_budget, check_key, loo_factor,
+from jax_impl.algorithms.sketch_trace import (apply_columns, check_budget, check_key, draw_rows, loo_factor,
                                               mean_stderr, rank_deficient)
 
 
@@ -59,8 +59,9 @@ def xdiag(op: Operator, key: jax.Array, num_matvecs: int, batch_size: Optional[i
     check_key(key, "xdiag")
     n, dtype = op.dim, op.dtype
     k = check_budget(num_matvecs, "xdiag", 4, "two test vectors, two matvecs each", 2, n, "test vectors")
-    omega = jax.vmap(lambda i: rademacher_probe(key, i, n, dtype))(jnp.arange(k, dtype=jnp.int32)).T  # (n, k)
-    y = apply_columns(op, omega.T, batch_size)
+    rows = draw_rows(rademacher_probe, key, k, n, dtype)
+    omega = rows.T  # (n, k)
+    y = apply_columns(op, rows, batch_size)
     q, r = jnp.linalg.qr(y)
     z = apply_columns(op, q.T, batch_size)  # A Q = (A^T Q), A symmetric
     d_qz = jnp.sum(q * z, 1)  # diag(Q Q^T A)

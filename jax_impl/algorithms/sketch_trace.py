@@ -74,6 +74,16 @@ def sphere_probe(key: jax.Array, index, dim: int, dtype=jnp.float32) -> jax.Arra
     return g * (jnp.sqrt(jnp.asarray(dim, dtype)) / jnp.linalg.norm(g))
 
 
+def draw_rows(probe, key: jax.Array, k: int, dim: int, dtype) -> jax.Array:
+    """``(k, dim)``: row ``i`` is ``probe(key, i, dim, dtype)``, drawn once.
+
+    Drawn in a loop (``lax.map``), whose output XLA materializes: as one vmapped expression,
+    XLA fused the hash into each consumer of the probes (the batched matvecs, the transpose)
+    and drew them two or three times (an optimization barrier is removed before fusion on CPU).
+    """
+    return jax.lax.map(lambda i: probe(key, i, dim, dtype), jnp.arange(k, dtype=jnp.int32))
+
+
 def check_key(key, fn: str) -> None:
     """Nothing if ``key`` is a single PRNG key (typed, or a raw uint32 PRNGKey), else a one-line error."""
     shape, dtype = getattr(key, "shape", None), getattr(key, "dtype", None)
@@ -196,11 +206,10 @@ def hutchpp(op: Operator, key: jax.Array, num_matvecs: int, batch_size: Optional
     m = int(num_matvecs)
     p = m - 2 * k
     key_sketch, key_probe = jax.random.split(key)
-    idx = jnp.arange(max(k, p), dtype=jnp.int32)
-    sketch = jax.vmap(lambda j: rademacher_probe(key_sketch, j, n, dtype))(idx[:k])  # (k, n)
+    sketch = draw_rows(rademacher_probe, key_sketch, k, n, dtype)  # (k, n)
     q, _ = jnp.linalg.qr(apply_columns(op, sketch, batch_size))  # (n, k)
     t = jnp.sum(q * apply_columns(op, q.T, batch_size))  # tr(Q^T A Q)
-    g = jax.vmap(lambda i: rademacher_probe(key_probe, i, n, dtype))(idx[:p]).T  # (n, p)
+    g = draw_rows(rademacher_probe, key_probe, p, n, dtype).T  # (n, p)
     h = g - q @ (q.T @ g)
     estimates = t + jnp.sum(h * apply_columns(op, h.T, batch_size), axis=0)
     return _result(estimates, m, k)
@@ -253,8 +262,9 @@ def xtrace(op: Operator, key: jax.Array, num_matvecs: int, batch_size: Optional[
     check_key(key, "xtrace")
     n, dtype = op.dim, op.dtype
     k = check_budget(num_matvecs, "xtrace", 4, "two test vectors, two matvecs each", 2, n, "test vectors")
-    omega = jax.vmap(lambda i: sphere_probe(key, i, n, dtype))(jnp.arange(k, dtype=jnp.int32)).T  # (n, k)
-    y = apply_columns(op, omega.T, batch_size)
+    rows = draw_rows(sphere_probe, key, k, n, dtype)
+    omega = rows.T  # (n, k)
+    y = apply_columns(op, rows, batch_size)
     q, r = jnp.linalg.qr(y)
     z = apply_columns(op, q.T, batch_size)
     h = q.T @ z
@@ -352,8 +362,9 @@ def xnystrace(op: Operator, key: jax.Array, num_matvecs: int, batch_size: Option
     check_key(key, "xnystrace")
     n, dtype = op.dim, op.dtype
     k = check_budget(num_matvecs, "xnystrace", 2, "two test vectors", 1, n, "test vectors")
-    omega = jax.vmap(lambda i: sphere_probe(key, i, n, dtype))(jnp.arange(k, dtype=jnp.int32)).T  # (n, k)
-    y = apply_columns(op, omega.T, batch_size)
+    rows = draw_rows(sphere_probe, key, k, n, dtype)
+    omega = rows.T  # (n, k)
+    y = apply_columns(op, rows, batch_size)
     nu, y_nu, c = _shifted_cholesky(y, omega)
     q, r = jnp.linalg.qr(y_nu)
     b = jax.scipy.linalg.solve_triangular(c, r.T, trans=1, lower=False).T  # R C^{-1}: A_nu ~ Q B B^T Q^T
