@@ -12,11 +12,15 @@ AXIS = "samples"
 
 
 def sample_mesh(devices=None) -> Mesh:
-    """A 1-D mesh named ``samples`` over ``devices`` (default: all local devices).
+    """A 1-D mesh named ``samples`` over ``devices`` (default: all devices of all processes).
 
-    Multi-host: call ``jax.distributed.initialize()`` first on every host and pass
-    ``jax.devices()``; each host then feeds the same global arrays (see README).
+    One process: its local devices. Several (``jax_impl.distributed.initialize`` first):
+    ``distributed.global_mesh``, every process's devices, process by process.
     """
+    if devices is None and jax.process_count() > 1:
+        from jax_impl.distributed import global_mesh
+
+        return global_mesh()
     devices = jax.local_devices() if devices is None else devices
     return Mesh(np.asarray(devices), (AXIS,))
 
@@ -42,7 +46,14 @@ def shard_batches(batches: Batches, mesh: Mesh) -> Batches:
 def sharded_batches(x, y, chunk_size: int = 1000, dtype=np.float32, mesh: Mesh | None = None) -> Batches:
     """make_batches + shard_batches over all local devices (one device: no-op placement).
 
-    ``dtype`` must be the parameters' dtype (``operators.Problem`` refuses a mix).
+    ``dtype`` must be the parameters' dtype (``operators.Problem`` refuses a mix). Several
+    processes (``jax.process_count() > 1``): every process passes the same (x, y), keeps its
+    share (``distributed.process_share``) and the chunks span every process's devices
+    (``distributed.process_batches``).
     """
     mesh = sample_mesh() if mesh is None else mesh
+    if jax.process_count() > 1:
+        from jax_impl import distributed
+
+        return distributed.process_batches(*distributed.process_share(x, y), chunk_size, dtype, mesh)
     return shard_batches(make_batches(x, y, chunk_size, multiple_of=mesh.size, dtype=dtype), mesh)
