@@ -13,7 +13,7 @@ PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -q --upgrade pip
-	$(PIP_INSTALL) "torch==2.13.0" -e ".[torch,tfds,dev]"
+	$(PIP_INSTALL) "torch==2.13.0" -e ".[torch,tfds,dev,mkl]"
 	touch $@
 
 .PHONY: install test reproduce reproduce-cnn bench clean

@@ -8,12 +8,26 @@ import time
 import numpy as np
 import pytest
 
+from jax_impl.algorithms import lapack
 from jax_impl.algorithms.lapack import eigvalsh_lapack, native_call_running, run_interruptibly
 from jax_impl.errors import HessianApproxError
 
+HAVE_MKL = lapack._mkl() is not None
+
+
+@pytest.fixture(params=["mkl", "openblas"])
+def driver(request, monkeypatch):
+    """Each test below once per driver: MKL (the ``mkl`` extra; skipped without it) and SciPy's OpenBLAS."""
+    if request.param == "mkl" and not HAVE_MKL:
+        pytest.skip("the mkl wheel is not installed")
+    if request.param == "openblas":
+        monkeypatch.setattr(lapack, "_mkl", lambda: None)
+    assert lapack.driver().startswith(request.param)
+    return request.param
+
 
 @pytest.mark.parametrize("dtype,rtol", [(np.float32, 1e-5), (np.float64, 1e-12)])
-def test_values_match_float64_and_read_the_lower_triangle(dtype, rtol):
+def test_values_match_float64_and_read_the_lower_triangle(dtype, rtol, driver):
     # rtol: float32 eigenvalues are backward stable to ~n·eps·|λ|max (n = 200, eps 6e-8 -> 1e-5)
     rng = np.random.default_rng(0)
     a = rng.standard_normal((200, 200))
@@ -35,7 +49,7 @@ def test_nonfinite_and_nonsquare_refused():
         eigvalsh_lapack(np.ones((2, 3)))
 
 
-def test_the_gil_is_released_during_the_call():
+def test_the_gil_is_released_during_the_call(driver):
     a = np.random.default_rng(1).standard_normal((1500, 1500)).astype(np.float32)
     a = a + a.T
     ticks = []
@@ -68,3 +82,17 @@ def test_two_stage_driver_matches():
     a = np.random.default_rng(2).standard_normal((300, 300))
     a = a + a.T
     np.testing.assert_allclose(_syevd_2stage_values(a.copy()), np.linalg.eigvalsh(a), atol=1e-12 * np.abs(a).max() * 300)
+
+
+def test_mkl_is_used_where_installed_and_can_be_turned_off(monkeypatch):
+    """The ``mkl`` wheel installed: MKL's driver, unless HESSIAN_APPROX_EIGENSOLVER=openblas."""
+    if not HAVE_MKL:
+        pytest.skip("the mkl wheel is not installed")
+    lapack._mkl.cache_clear()
+    monkeypatch.setenv("HESSIAN_APPROX_EIGENSOLVER", "openblas")
+    try:
+        assert lapack.driver() == "openblas ?syevd"
+    finally:
+        lapack._mkl.cache_clear()
+        monkeypatch.delenv("HESSIAN_APPROX_EIGENSOLVER")
+    assert lapack.driver() == "mkl ?syevd"
