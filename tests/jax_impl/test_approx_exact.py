@@ -33,9 +33,9 @@ def reference_ggn(prob):
     x, y, w = (prob.batches.x.reshape(-1, *prob.batches.x.shape[2:]), prob.batches.y.reshape(-1),
                prob.batches.w.reshape(-1))
     f = lambda flat: prob.apply(prob.unravel(flat), x)  # noqa: E731
-    jac = np.asarray(jax.jacfwd(f)(prob.flat_params))  # (N, C, d)
+    jac = np.asarray(jax.jit(jax.jacfwd(f))(prob.flat_params))  # (N, C, d)
     logits = f(prob.flat_params)
-    h = np.asarray(jax.vmap(jax.hessian(lambda o, t: prob.ell(o[None], t[None])[0]))(logits, y))  # (N, C, C)
+    h = np.asarray(jax.jit(jax.vmap(jax.hessian(lambda o, t: prob.ell(o[None], t[None])[0])))(logits, y))  # (N, C, C)
     return np.einsum("n,ncd,nce,nef->df", np.asarray(w), jac, h, jac)
 
 
