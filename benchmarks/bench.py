@@ -33,6 +33,7 @@ TARGETS = {  # (JAX item, PyTorch item, required speed-up): from issue 5
     "exact Hessian": ("jax_exact_hessian", "torch_exact_hessian", 3.0),
     "exact Hessian by layer structure": ("jax_exact_hessian_structure", "torch_exact_hessian", 4.0),  # issue 14
     "Hutchinson, same probe count": ("jax_hutchinson", "pyhessian_trace", 3.0),
+    "exact Hessian + all eigenvalues": ("jax_exact_plus_eigvalsh", "torch_exact_plus_eigvalsh", 1.5),  # issue 14
 }
 
 
@@ -83,9 +84,12 @@ def core_items(ctx: Context, repeats: int, torch_ok: bool) -> tuple[dict, dict]:
             "max_abs_entry": float(np.max(np.abs(np.asarray(h))))}
     else:
         notes["exact_hessian_structure"] = {"not_run": why}
-    log("full eigendecomposition")
+    log("full eigendecomposition (values only)")
     t["jax_eigvalsh"] = measure(lambda: algorithms.eigvalsh_descending(h), repeats)
     exact = np.asarray(algorithms.eigvalsh_descending(h), np.float64)
+    eigensolvers(np.asarray(h), repeats, t, notes)
+    build = t.get("jax_exact_hessian_structure", t["jax_exact_hessian"])
+    t["jax_exact_plus_eigvalsh"] = _sum(build, t["jax_eigvalsh"])
     k = 10
     log("top-10 at matched accuracy (all ten within 1e-3 relative of exact)")
     lan = {}
@@ -121,6 +125,37 @@ def core_items(ctx: Context, repeats: int, torch_ok: bool) -> tuple[dict, dict]:
     return t, notes
 
 
+def _sum(a: dict, b: dict) -> dict:
+    """Two timed items run one after the other: medians, mins, maxs and first calls added."""
+    out = {k: a[k] + b[k] for k in ("median", "min", "max")}
+    out.update(repeats=min(a["repeats"], b["repeats"]), peak_rss_bytes=max(a["peak_rss_bytes"], b["peak_rss_bytes"]),
+               first_call=(a.get("first_call") or 0) + (b.get("first_call") or 0), runs=[], sum_of=True)
+    return out
+
+
+def eigensolvers(h: np.ndarray, repeats: int, t: dict, notes: dict) -> None:
+    """The values-only eigensolvers reachable without torch, timed on the exact Hessian ``h`` (issue 14 item 3).
+
+    ``jax_eigvalsh`` is what the product calls (:func:`jax_impl.algorithms.lapack.driver`);
+    beside it OpenBLAS's ``?syevd`` and ``?syevd_2stage`` (SciPy's build) and numpy's
+    ``eigvalsh``, each checked against the product's values.
+    """
+    from jax_impl.algorithms import lapack
+
+    if jax.default_backend() != "cpu":
+        return
+    ref = np.sort(np.asarray(algorithms.eigvalsh_descending(h), np.float64))
+    tried = {"eigvalsh_openblas_syevd": lambda: lapack.run_interruptibly(lapack._syevd_values, h.copy()),
+             "eigvalsh_openblas_syevd_2stage": lambda: lapack.run_interruptibly(lapack._syevd_2stage_values, h.copy()),
+             "eigvalsh_numpy": lambda: np.linalg.eigvalsh(h)}
+    notes["eigensolvers"] = {"product_driver": lapack.driver(), "max_abs_diff_over_max": {}}
+    for name, fn in tried.items():
+        log(f"  eigensolver {name}")
+        t[name] = measure(fn, max(1, min(repeats, 3)))
+        notes["eigensolvers"]["max_abs_diff_over_max"][name] = float(
+            np.max(np.abs(np.sort(fn()) - ref)) / max(np.max(np.abs(ref)), 1e-300))
+
+
 def torch_items(ctx, repeats, exact, t, notes) -> None:
     import torch
 
@@ -144,6 +179,7 @@ def torch_items(ctx, repeats, exact, t, notes) -> None:
     t["torch_exact_hessian"] = {**t[f"torch_exact_hessian_{fastest}"], "way": fastest}
     h = torch.from_numpy(texact.hessian(model, x, y, loss))
     t["torch_eigvalsh"] = measure(lambda: torch.linalg.eigvalsh(h), repeats)
+    t["torch_exact_plus_eigvalsh"] = _sum(t["torch_exact_hessian"], t["torch_eigvalsh"])
     log("PyHessian top-10, tightening tol until all ten are within 1e-3 relative")
 
     def run_ph(tol):
@@ -170,7 +206,8 @@ def ratios(t: dict) -> dict:
              "full eigendecomposition": ("jax_eigvalsh", "torch_eigvalsh"),
              "top-10 eigenvalues, matched accuracy (Lanczos)": ("lanczos_top10_matched", "pyhessian_top10_matched"),
              "top-10 eigenvalues, matched accuracy (power)": ("power_top10_matched", "pyhessian_top10_matched"),
-             "Hutchinson, same probe count": ("jax_hutchinson", "pyhessian_trace")}
+             "Hutchinson, same probe count": ("jax_hutchinson", "pyhessian_trace"),
+             "exact Hessian + all eigenvalues": ("jax_exact_plus_eigvalsh", "torch_exact_plus_eigvalsh")}
     for name in approximations():
         pairs[f"approximation {name}"] = (f"jax_{name}", f"backpack_{name}")
     return {k: t[b]["median"] / t[a]["median"] for k, (a, b) in pairs.items() if a in t and b in t}
@@ -202,6 +239,11 @@ def width_sweep(base: Options, widths, repeats: int, max_exact_dim: int, torch_o
         row["jax_lanczos40"] = measure(lambda: lan(key), repeats)
         hut = jax.jit(lambda kk: algorithms.hutchinson(hvp, kk, num_samples=100))
         row["jax_hutchinson100"] = measure(lambda: hut(key), repeats)
+        from benchmarks.bench_overhead import time_operator
+
+        per = time_operator(hvp, repeats, log=log)  # issue 14 item 1: each algorithm's cost per matvec / bare Hvp
+        row["per_matvec_over_hvp"] = {n: it["ratio"] for n, it in per["items"].items()}
+        row["compile_s"] = {n: max(it["first_call_s"] - it["median_s"], 0.0) for n, it in per["items"].items()}
         if dim <= max_exact_dim:
             row["jax_exact_hessian"] = measure(dense_fn(operators.hvp(ctx.problem), ctx.dense_columns), 1)
         if torch_ok:
@@ -282,16 +324,18 @@ def write(result: dict, out: Path, csv_rows: str = "core") -> None:
                 row(item, tm, _width(p), p["num_params"])
         for r in result.get("width_sweep", []) if csv_rows == "sweep" else []:
             for item, tm in r.items():
-                if isinstance(tm, dict):
+                if isinstance(tm, dict) and "median" in tm:
                     row(item, tm, r["width"], r["num_params"])
 
 
 def format_bench(result: dict) -> str:
     """Timings and ratios as a table, targets marked met or missed."""
-    lines = [f"{'item':34s}{'median s':>12s}{'min':>10s}{'max':>10s}{'peak MB':>10s}"]
+    lines = [f"{'item':34s}{'median s':>12s}{'min':>10s}{'max':>10s}{'peak MB':>10s}{'1st call':>10s}"]
     for item, tm in result["timings"].items():
+        first = f"{tm['first_call']:10.4g}" if tm.get("first_call") is not None else f"{'':10s}"
         lines.append(f"{item:34s}{tm['median']:12.4g}{tm['min']:10.4g}{tm['max']:10.4g}"
-                     f"{tm['peak_rss_bytes'] / 2**20:10.1f}")
+                     f"{tm['peak_rss_bytes'] / 2**20:10.1f}{first}")
+    lines.append("(1st call: the warm-up, compilation included; JAX's compile time is about 1st call - median)")
     lines.append("")
     lines.append(f"{'PyTorch / JAX (median ratio)':52s}{'ratio':>8s}{'target':>8s}")
     for name, r in result["ratios_torch_over_jax"].items():
@@ -301,4 +345,8 @@ def format_bench(result: dict) -> str:
         lines.append(f"{name:52s}{r:8.2f}{mark:>16s}")
     for n, v in result["notes"].items():
         lines.append(f"{n}: {v}")
+    for r in result.get("width_sweep", []):
+        if "per_matvec_over_hvp" in r:
+            cells = ", ".join(f"{k} {v:.2f}" for k, v in r["per_matvec_over_hvp"].items())
+            lines.append(f"width {r['width']} ({r['num_params']} params): per matvec / bare Hvp: {cells}")
     return "\n".join(lines)

@@ -21,12 +21,15 @@ REL_FLOOR = 1e-6  # relative errors use max(|reference|, REL_FLOOR x the referen
 def versions() -> dict:
     """Versions of the packages that produce numbers (absent ones are left out)."""
     out = {"python": platform.python_version()}
-    for name in ("hessian-approx", "jax", "jaxlib", "flax", "optax", "numpy", "torch",
+    for name in ("hessian-approx", "jax", "jaxlib", "flax", "optax", "numpy", "scipy", "mkl", "torch",
                  "backpack-for-pytorch", "pyhessian"):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             pass
+    from jax_impl.algorithms.lapack import driver
+
+    out["cpu_eigensolver"] = driver()  # the dense eigvalsh on the CPU: MKL's or OpenBLAS's ?syevd
     return out
 
 

@@ -39,10 +39,15 @@ class PeakRSS:
 def measure(fn, repeats: int = 5, warmup: int = 1) -> dict:
     """Time ``fn()`` (its jax outputs made ready): ``warmup`` untimed calls, then ``repeats``.
 
-    Returns {"median", "min", "max", "runs" (seconds), "repeats", "peak_rss_bytes"}.
+    Returns {"median", "min", "max", "runs" (seconds), "repeats", "peak_rss_bytes",
+    "first_call"}: ``first_call`` is the first warm-up call's wall time, compilation included
+    (``first_call - median`` estimates the compile time of a jitted ``fn``).
     """
+    first = None
     for _ in range(warmup):
+        t0 = time.perf_counter()
         jax.block_until_ready(fn())
+        first = time.perf_counter() - t0 if first is None else first
     runs = []
     with PeakRSS() as mem:
         for _ in range(repeats):
@@ -50,4 +55,4 @@ def measure(fn, repeats: int = 5, warmup: int = 1) -> dict:
             jax.block_until_ready(fn())
             runs.append(time.perf_counter() - t0)
     return {"median": statistics.median(runs), "min": min(runs), "max": max(runs), "runs": runs,
-            "repeats": repeats, "peak_rss_bytes": mem.peak}
+            "repeats": repeats, "peak_rss_bytes": mem.peak, "first_call": first}

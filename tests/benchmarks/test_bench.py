@@ -25,4 +25,13 @@ def test_bench_smoke(tmp_path, capsys, monkeypatch):
     assert result["notes"]["lanczos_top10_matched"]["max_rel_err"] <= 1e-3
     rows = list(csv.DictReader((tmp_path / "bench.csv").open()))
     assert {r["item"] for r in rows} >= set(t) and all(r["machine"] for r in rows)
-    assert result["width_sweep"][0]["width"] == 4
+    sweep = result["width_sweep"][0]
+    assert sweep["width"] == 4
+    # issue 14: every algorithm's per-matvec cost against the bare Hvp, and compile times apart
+    assert {"lanczos", "power", "hutchinson", "xtrace"} <= set(sweep["per_matvec_over_hvp"])
+    assert all(v > 0 for v in sweep["per_matvec_over_hvp"].values())
+    assert all(t[i]["first_call"] > 0 for i in ("jax_hvp", "jax_hutchinson"))
+    assert {"eigvalsh_openblas_syevd", "eigvalsh_openblas_syevd_2stage", "eigvalsh_numpy"} <= set(t)
+    # every eigensolver tried gives the product's eigenvalues (float32 round-off of a tiny matrix)
+    assert max(result["notes"]["eigensolvers"]["max_abs_diff_over_max"].values()) < 1e-5
+    assert "per matvec / bare Hvp" in out and "1st call" in out
