@@ -75,6 +75,8 @@ def core_items(ctx: Context, repeats: int, torch_ok: bool) -> tuple[dict, dict]:
                                                                                 prob.batches))))
         t["jax_exact_hessian_jax.hessian"] = measure(lambda: whole(flat), repeats)
     why = unsupported(prob, ctx.arch, hessian=True)
+    if why is None and not ctx.arch.is_mlp:  # see Context.exact_route
+        why = "conv nets' structure route compiles for minutes (304 s first call on the default CNN)"
     if why is None:
         log("exact Hessian by layer structure (per-layer contractions, jax_impl.approx.exact)")
         t["jax_exact_hessian_structure"] = measure(lambda: hessian_by_structure(prob, ctx.arch), repeats)
