@@ -55,6 +55,16 @@ def _tol(text: str) -> float:
     return value
 
 
+def _samples(text: str) -> int | str:
+    """--hessian-samples: an integer (checked later against the data), or all."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of samples or all, got {text!r}") from None
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(t) for t in text.replace(",", " ").split())
@@ -89,8 +99,12 @@ def add_problem_flags(p: argparse.ArgumentParser, json_flag: bool = True) -> Non
                         "parameter file (msgpack or safetensors) of a supported architecture (see README)")
     g.add_argument("--epochs", type=int, default=None,
                    help="training epochs when no --checkpoint (default 5 for MNIST-sized data, 100 for digits)")
-    g.add_argument("--hessian-samples", type=int, default=None,
-                   help="size of the seeded Hessian subset (default 1000 for an mlp, 100 for convolutional models)")
+    g.add_argument("--hessian-samples", type=_samples, default=None,
+                   help="size of the seeded Hessian subset, or all for the whole training set "
+                        "(default 1000 for an mlp, 100 for convolutional models)")
+    g.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
+                   help="stream the Hessian data from host memory one chunk at a time (device memory then "
+                        "holds one chunk, whatever the number of samples); auto: subsets above 64 MiB")
     g.add_argument("--seed", type=_seed, default=0,
                    help="seed for training, and for the subset and the probes unless given below (default 0)")
     g.add_argument("--subset-seed", type=_seed, default=None, help="seed of the Hessian subset (default --seed)")
@@ -105,6 +119,9 @@ def add_problem_flags(p: argparse.ArgumentParser, json_flag: bool = True) -> Non
         g.add_argument("--json", default=None, metavar="PATH", help="write the result record here (atomically)")
     g.add_argument("--force", action="store_true",
                    help="replace an existing output that hessian-approx did not write (never one of the inputs)")
+    from jax_impl.distributed import add_arguments  # no JAX import: --help stays fast
+
+    add_arguments(p)  # --coordinator-address, --num-processes, --process-id, --distributed
 
 
 def add_method_flags(p: argparse.ArgumentParser, default_methods) -> None:
@@ -149,6 +166,7 @@ def parser() -> argparse.ArgumentParser:
     for name, helptext in HELP.items():
         q = add_and_return(sub, name, helptext)
         add_method_flags(q, default_methods(name))
+        add_spread_flags(q)
         if name == "approx":
             q.add_argument("--method", default=None, choices=[*approximations(), "all"],
                            help="one approximation (with BackPACK's counterpart, exact and GGN) or all")
@@ -171,6 +189,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_spread_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("spread over batches")
+    g.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="also compute every method on independent batches of B training samples and report "
+                        "the mean, std, min and max of λ_max and the trace over them")
+    g.add_argument("--num-batches", type=int, default=None,
+                   help="how many disjoint batches --batch-size draws (default: 10, or fewer if the data run out)")
+
+
 def add_and_return(sub, name, helptext, json_flag: bool = True):
     q = sub.add_parser(name, help=helptext)
     add_problem_flags(q, json_flag)
@@ -185,6 +212,14 @@ def options_from(args):
 
 
 def run(args) -> int:
+    from jax_impl import distributed
+
+    if distributed.initialize_from_args(args):  # first: before JAX is imported
+        if args.command in ("train", "reproduce", "bench", "track"):
+            raise HessianApproxError(f"{args.command} runs on one process",
+                                     "run it without --coordinator-address/--num-processes/--process-id/--distributed")
+        if not distributed.is_main_process():  # every process computes; process 0 prints and writes
+            args.json, sys.stdout = None, open(os.devnull, "w")
     from benchmarks import record as rec
     from benchmarks.context import Context, log
     from benchmarks.methods import preflight, run_methods
@@ -195,6 +230,9 @@ def run(args) -> int:
 
     if args.command == "track":
         from benchmarks.track import run_track
+
+        if args.hessian_samples == "all" and args.curvature != "batch":
+            args.hessian_samples = None  # track's default subset is the whole training set
 
         return run_track(args)
     ctx = Context(options_from(args))
@@ -246,7 +284,12 @@ def run(args) -> int:
         chosen = approximations() if args.method == "all" else (args.method,)
         requested = ["exact", "ggn", *chosen, *(counterpart(m) for m in chosen)]
     names, _ = resolve(requested)
-    _ = ctx.subset  # a bad --hessian-samples fails here, before any training
+    _ = ctx.subset_rows  # a bad --hessian-samples fails here, before any training
+    spread = None
+    if getattr(args, "batch_size", None) is not None or getattr(args, "num_batches", None) is not None:
+        from benchmarks.spread import format_spread, plan_spread, run_spread
+
+        spread = plan_spread(len(ctx.dataset.x_train), args.batch_size, args.num_batches, ctx.subset_seed)
     preflight(ctx, names)
     record = rec.new_record(args.command, ctx.provenance())
     record["point"] = ctx.point()
@@ -258,6 +301,9 @@ def run(args) -> int:
 
         record["crosscheck"] = crosscheck(ctx)
         print(format_crosscheck(record["crosscheck"]))
+    if spread is not None:
+        record["spread"] = run_spread(ctx, names, spread, record)
+        print(format_spread(record["spread"]))
     if args.json:
         rec.write_json(args.json, record)
         log(f"wrote {args.json}")

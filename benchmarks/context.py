@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
-import math
 import sys
 import time
 import zlib
@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from hessian_approx.architecture import PRESETS, Architecture, mlp, parse
-from jax_impl import checkpoint, data, losses, models, operators, sharding, train
+from benchmarks import curvature_data
+from benchmarks.options import SEED_MAX, Options, check_seed  # noqa: F401  (re-exported: context.Options)
+from jax_impl import checkpoint, data, losses, models, operators, streaming, train
 from jax_impl.errors import HessianApproxError, check_finite
 from jax_impl.materialize import dense
 
@@ -82,87 +84,8 @@ def architecture_from_flags(model: str | None, hidden, activation: str | None, i
     return arch
 
 
-SEED_MAX = 2**32 - 1  # PRNG keys hold 32-bit seeds: 2**32 would give seed 0's key in float32 mode
-
-
-def check_seed(flag: str, seed) -> None:
-    """Refuse a seed that is not an integer in 0..2**32-1 (None passes: "use --seed")."""
-    if seed is None:
-        return
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SEED_MAX:
-        raise HessianApproxError(f"{flag} is {seed}", f"pass an integer seed from 0 to {SEED_MAX}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """Everything that defines a run; every command-line flag maps to one field."""
-
-    dataset: str = "auto"
-    data_dir: str | None = None
-    data: str | None = None  # a user .npz (x, y[, x_test, y_test]) instead of a built-in dataset
-    weights: str | None = None  # external weights: torch state_dict or Flax file (bridge.external)
-    model: str | None = None  # None: "mlp", or the --checkpoint's architecture
-    hidden: tuple[int, ...] | None = None  # None: (10,) (mlp only)
-    activation: str | None = None  # None: as the architecture says (relu for the presets)
-    loss: str = "cross_entropy"
-    hessian_samples: int | None = None  # None: DEFAULT_SAMPLES["mlp" or "cnn"]
-    seed: int = 0  # training; also the subset and the probes unless their own seeds are given
-    subset_seed: int | None = None  # None: seed
-    probe_seed: int | None = None  # None: seed
-    dtype: str = "float32"
-    checkpoint: str | None = None
-    chunk_size: int | None = None  # None: chunk_sizes(arch)
-    epochs: int | None = None  # None: 5 for 10,000 samples or more (MNIST), else 100 (digits)
-    k: int = 10
-    power_max_iter: int = 100
-    power_tol: float = 1e-3
-    lanczos_steps: int | None = None
-    hutchinson_samples: int = 100
-    slq_steps: int = 100
-    slq_runs: int = 1
-    mc_samples: int = 1
-    pyhessian_trace_tol: float = 1e-3
-    kfac_approx: str = "backpack"
-    tol: float | None = None  # lanczos-certified: residual tolerance relative to |θ₁| (None: from the dtype)
-    exact_route: str = "auto"  # dense Hessian/GGN: auto, structure (per-layer contractions) or hvp (d matvecs)
-    block_size: int = 10  # block-lanczos
-    blocks: str = "per-layer"  # blocks: per-layer, per-leaf, or comma-separated layer names / paths
-
-    def __post_init__(self):
-        if self.dtype not in ("float32", "float64"):
-            raise HessianApproxError(f"dtype {self.dtype!r} is not supported", "use --dtype float32 or float64")
-        if self.hessian_samples is not None and self.hessian_samples < 1:
-            raise HessianApproxError(f"--hessian-samples is {self.hessian_samples}", "pass a positive number")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise HessianApproxError(f"--chunk-size is {self.chunk_size}", "pass a positive number")
-        for name in ("k", "hutchinson_samples",
-                     "slq_steps", "slq_runs", "power_max_iter", "mc_samples"):
-            if getattr(self, name) < 1:
-                raise HessianApproxError(f"--{name.replace('_', '-')} is {getattr(self, name)}",
-                                         "pass a positive number")
-        if self.kfac_approx not in ("backpack", "expand", "reduce"):
-            raise HessianApproxError(f"--kfac-approx {self.kfac_approx!r} is not known",
-                                     "use backpack, expand or reduce")
-        if self.tol is not None and not 0 < self.tol < 1:
-            raise HessianApproxError(f"--tol is {self.tol}", "pass a relative tolerance in (0, 1), e.g. 1e-6")
-        if self.exact_route not in ("auto", "structure", "hvp"):
-            raise HessianApproxError(f"--exact-route {self.exact_route!r} is not known", "use auto, structure or hvp")
-        if self.block_size < 1:
-            raise HessianApproxError(f"--block-size is {self.block_size}", "pass a positive number")
-        for name in ("seed", "subset_seed", "probe_seed"):
-            check_seed(f"--{name.replace('_', '-')}", getattr(self, name))
-        for name in ("power_tol", "pyhessian_trace_tol"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise HessianApproxError(f"--{name.replace('_', '-')} is {value}", "pass a finite tolerance >= 0, e.g. 1e-3")
-        if self.epochs is not None and self.epochs < 1:
-            raise HessianApproxError(f"--epochs is {self.epochs}", "pass a positive number")
-        if self.weights and self.checkpoint:
-            raise HessianApproxError("both --weights and --checkpoint were given",
-                                     "pass one: --checkpoint for hessian-approx files, --weights for any other")
-        if self.data and (self.dataset != "auto" or self.data_dir):
-            raise HessianApproxError("--data was given with --dataset or --data-dir",
-                                     "pass --data FILE.npz alone (or a built-in --dataset)")
+# what a Context on other rows (``for_rows``) keeps: the data, the model and the weights
+_SHARED = ("options", "dtype", "train_info", "dataset", "arch", "_weights", "_checkpoint", "params")
 
 
 class Context:
@@ -250,10 +173,33 @@ class Context:
 
     @property
     def hessian_samples(self) -> int:
-        """--hessian-samples, else DEFAULT_SAMPLES for an mlp or any other (convolutional) network."""
+        """--hessian-samples ("all": the training set), else DEFAULT_SAMPLES for an mlp or any other network."""
+        if self.options.hessian_samples == "all":
+            return len(self.dataset.x_train)
         if self.options.hessian_samples is not None:
             return self.options.hessian_samples
         return min(DEFAULT_SAMPLES["mlp" if self.arch.is_mlp else "cnn"], len(self.dataset.x_train))
+
+    @functools.cached_property
+    def subset_rows(self) -> np.ndarray:
+        """Rows (n,) of the training set the curvature averages over: the seeded Hessian subset
+        (``data.hessian_subset``'s rows), or a batch's rows (``for_rows``)."""
+        return streaming.subset_rows(len(self.dataset.x_train), self.hessian_samples, self.subset_seed)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the curvature data stream from host memory (--stream; auto: subsets above 64 MiB)."""
+        return curvature_data.use_stream(self.options.stream, len(self.subset_rows), curvature_data.sample_bytes(self),
+                                         jax.process_count())
+
+    def for_rows(self, rows) -> "Context":
+        """This run (data, model, weights, options) with the curvature averaged over ``rows`` (n,) instead."""
+        _ = self.params  # loaded or trained once, shared
+        other = copy.copy(self)
+        other.__dict__ = {k: v for k, v in self.__dict__.items() if k in _SHARED}
+        other.options = dataclasses.replace(self.options, hessian_samples=len(rows))
+        other.__dict__["subset_rows"] = curvature_data.check_rows(len(self.dataset.x_train), rows)
+        return other
 
     @functools.cached_property
     def _checkpoint(self):
@@ -303,15 +249,16 @@ class Context:
 
     @functools.cached_property
     def subset(self):
-        """The fixed, seeded Hessian subset (x (n, *input_shape), y (n,))."""
-        x, y = data.hessian_subset(self.dataset.x_train, self.dataset.y_train,
-                                   self.hessian_samples, self.subset_seed)
+        """The Hessian subset's rows copied (x (n, *input_shape), y (n,)); streamed runs never make it."""
+        rows = self.subset_rows
+        x, y = self.dataset.x_train[rows], self.dataset.y_train[rows]
+        check_finite("inputs of the Hessian subset", x)
+        check_finite("targets of the Hessian subset", y)
         return models.as_inputs(self.arch, x), y
 
     @functools.cached_property
     def problem(self) -> operators.Problem:
-        x, y = self.subset
-        batches = sharding.sharded_batches(x, y, self.chunk_size, dtype=self.dtype)
+        batches = curvature_data.problem_batches(self)
         for name, value in models.flatten_tree(self.params).items():
             check_finite(f"the weights {name}", value)
         return operators.Problem(models.make_apply(self.arch), losses.get_loss(self.options.loss),
@@ -344,14 +291,17 @@ class Context:
 
     def exact_route(self, which: str) -> str:
         """"structure" (``approx.exact``: per-layer contractions) or "hvp" (d matvecs) for the dense
-        ``which`` ("hessian" or "ggn"): --exact-route, where "auto" takes structure whenever it applies."""
+        ``which`` ("hessian" or "ggn"): --exact-route, where "auto" takes structure where it applies
+        to a Dense-only network. (Conv nets keep the Hvps under auto: on the default CNN the
+        structure route's first call took 304 s here, most of it compiling the convolutions'
+        residual Jacobians, against about a minute by Hvps.)"""
         from jax_impl.approx.exact import unsupported
 
         route = self.options.exact_route
         if route == "hvp":
             return "hvp"
         why = unsupported(self.problem, self.arch, hessian=which == "hessian")
-        if why is None:
+        if why is None and (route == "structure" or self.arch.is_mlp):
             return "structure"
         if route == "structure":
             raise HessianApproxError(f"--exact-route structure cannot build the {which}: {why}",
@@ -408,7 +358,7 @@ class Context:
         ds = self.dataset
         _ = self.params  # fills self.train_info
         return {**ds.provenance(), "input_layout": models.input_layout(self.arch, ds.x_train[:1]),
-                "hessian_samples": self.hessian_samples, "subset_seed": self.subset_seed,
+                "hessian_samples": len(self.subset_rows), "streamed": self.streamed, "subset_seed": self.subset_seed,
                 "probe_seed": self.probe_seed,
                 "model": self.arch.describe(), "architecture": self.arch.to_dict(),
                 "num_params": self.arch.num_params, "loss": o.loss, "dtype": o.dtype, "seed": o.seed,

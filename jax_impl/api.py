@@ -84,7 +84,9 @@ def unsupported_layer(params) -> str:
 
 def _batches(data, arch, dtype, chunk_size):
     """Batches in ``dtype`` from (x, y) arrays, Batches, or an iterable of (x, y) batches."""
-    if isinstance(data, operators.Batches):
+    from jax_impl.streaming import StreamedBatches
+
+    if isinstance(data, (operators.Batches, StreamedBatches)):
         return data
     if isinstance(data, tuple) and len(data) == 2:
         x, y = data

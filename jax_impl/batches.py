@@ -1,4 +1,4 @@
-"""A dataset cut into equal zero-weight-padded chunks: inputs of any shape or pytree, labels or targets."""
+"""A dataset cut into equal zero-weight-padded chunks (inputs of any shape or pytree), and the scan that sums over them."""
 
 from __future__ import annotations
 
@@ -140,3 +140,38 @@ def constrain(chunk: Batches, mesh) -> Batches:
     axis = mesh.axis_names[0]
     pin = lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(axis, *[None] * (a.ndim - 1))))
     return Batches(jax.tree_util.tree_map(pin, chunk.x), pin(chunk.y), pin(chunk.w))
+
+
+def num_chunks(batches) -> int:
+    """The number of chunks of Batches or StreamedBatches (``jax_impl.streaming``)."""
+    return int(batches.w.shape[0])
+
+
+def chunk_spec(batches) -> Batches:
+    """Batches of ShapeDtypeStructs for one chunk (x (chunk, ...), y, w (chunk,)), for ``jax.eval_shape``."""
+    one = lambda a: jax.ShapeDtypeStruct(tuple(a.shape[1:]), a.dtype)
+    return Batches(jax.tree_util.tree_map(one, batches.x), one(batches.y), one(batches.w))
+
+
+def scan_chunks(fn, batches, init, keys=None):
+    """Σ_c fn(chunk_c, key_c) by ``lax.scan`` over the chunks (key_c = keys[c], or None without keys).
+
+    Args:
+      fn: ``fn(chunk: Batches, key) -> pytree`` shaped like ``init``.
+      batches: Batches (chunks sliced from device arrays) or ``streaming.StreamedBatches``
+        (chunk c fetched from host memory at step c: one chunk on the device at a time).
+      init: the zero of the sum.
+      keys: (num_chunks, ...) per-chunk PRNG keys, or None.
+    """
+    fetch = getattr(batches, "fetch", None)
+    if fetch is None:
+        xs, get = (batches.x, batches.y, batches.w), lambda c: Batches(*c)
+    else:
+        xs, get = (jnp.arange(num_chunks(batches), dtype=jnp.int32), batches.w), lambda c: fetch(*c)
+
+    def body(acc, item):
+        c, k = item
+        return jax.tree_util.tree_map(jnp.add, acc, fn(constrain(get(c), batches.mesh), k)), None
+
+    out, _ = jax.lax.scan(body, init, (xs, keys))
+    return out

@@ -11,7 +11,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jax_impl.algorithms.operator import Operator, check_float_dtype
-from jax_impl.batches import Batches, batches_from_iterable, constrain, make_batches
+from jax_impl.batches import Batches, batches_from_iterable, make_batches, num_chunks, scan_chunks
 from jax_impl.errors import HessianApproxError
 
 __all__ = ["Batches", "Problem", "batches_from_iterable", "empirical_fisher_vp", "fisher_mc_vp", "ggn_vp",
@@ -29,13 +29,8 @@ def live(tree):
 
 
 def chunk_sum(fn, batches: Batches, init):
-    """sum_c fn(chunk_c) by lax.scan over the chunk axis."""
-
-    def body(acc, chunk):
-        return jax.tree_util.tree_map(jnp.add, acc, fn(constrain(Batches(*chunk), batches.mesh))), None
-
-    out, _ = jax.lax.scan(body, init, live((batches.x, batches.y, batches.w)))
-    return out
+    """sum_c fn(chunk_c) by lax.scan over the chunk axis; StreamedBatches fetch each chunk from host memory."""
+    return scan_chunks(lambda c, _: fn(c), live(batches), init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +47,8 @@ class Problem:
       apply: ``apply(params, x (B, ...)) -> outputs (B, C)``; x may be a pytree.
       ell: per-sample loss ``ell(outputs (B, C), y (B, ...)) -> (B,)``.
       params: parameter pytree θ.
-      batches: the data, as from make_batches.
+      batches: the data, as from make_batches (device-resident) or ``streaming.stream_batches``
+        (host-resident, fetched one chunk at a time).
     """
 
     apply: Callable
@@ -188,16 +184,8 @@ def _outer_vp(problem: Problem, residuals: Callable) -> Callable:
         return jax.vjp(f, p0)[1](c.w[:, None] * coeff)[0]
 
     def matvec(v, key=jax.random.PRNGKey(0)):
-        keys = jax.random.split(key, problem.batches.w.shape[0])
-
-        b = problem.batches
-
-        def body(acc, xs):
-            x, y, w, k = xs
-            return acc + one(constrain(Batches(x, y, w), b.mesh), v, k), None
-
-        out, _ = jax.lax.scan(body, jnp.zeros_like(v), (*live((b.x, b.y, b.w)), keys))
-        return out
+        keys = jax.random.split(key, num_chunks(problem.batches))
+        return scan_chunks(lambda c, k: one(c, v, k), live(problem.batches), jnp.zeros_like(v), keys)
 
     return matvec
 

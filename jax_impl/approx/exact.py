@@ -30,6 +30,7 @@ import numpy as np
 
 from jax_impl.approx import network as net
 from jax_impl.approx.rules import RULES
+from jax_impl.batches import chunk_spec
 from jax_impl.errors import HessianApproxError
 from jax_impl.operators import Problem
 
@@ -150,7 +151,7 @@ def _blocks(params, batches, nds, loss, hessian):
                 out[(l, m)] = blk
         return out
 
-    shapes = jax.eval_shape(lambda: one(jax.tree_util.tree_map(lambda a: a[0], batches), None))
+    shapes = jax.eval_shape(lambda c: one(c, None), chunk_spec(batches))
     init = jax.tree_util.tree_map(lambda sd: jnp.zeros(sd.shape, sd.dtype), shapes)
     return net.scan_chunks(one, batches, init)
 

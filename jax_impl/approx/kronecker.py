@@ -54,6 +54,7 @@ from jax_impl import losses as losses_mod
 from jax_impl.approx import network as net
 from jax_impl.approx.rules import RULES
 from jax_impl.approx.structures import KroneckerBlocks
+from jax_impl.batches import chunk_spec
 from jax_impl.errors import HessianApproxError
 
 CONVENTIONS = ("backpack", "expand", "reduce")
@@ -166,7 +167,7 @@ def _kfra_factors(params, batches, nds, loss, convention):
         st = {str(i): RULES[nd.kind].kfra_stat(nd, xs[i], c.w) for i, nd in enumerate(nds) if i > first}
         return hbar, a, {k: v for k, v in st.items() if v is not None}
 
-    shapes = jax.eval_shape(stats, jax.tree_util.tree_map(lambda v: v[0], batches), None)
+    shapes = jax.eval_shape(stats, chunk_spec(batches), None)
     init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, dtype), shapes)
     m, a, st = net.scan_chunks(stats, batches, init)
     g = {}

@@ -11,7 +11,8 @@ from hessian_approx.architecture import Architecture
 from jax_impl import losses as losses_mod
 from jax_impl.approx.rules import RULES, Node, nodes
 from jax_impl.errors import HessianApproxError
-from jax_impl.batches import Batches, constrain
+from jax_impl.batches import Batches, num_chunks
+from jax_impl.batches import scan_chunks as batches_scan
 from jax_impl.operators import Problem, live
 
 METHODS = ("diag-ggn", "diag-ggn-mc", "diag-h", "kfac", "kflr", "kfra")
@@ -201,17 +202,10 @@ def runtime_inputs(params, batches: Batches, key=None):
 
 
 def scan_chunks(fn, batches: Batches, init, key=None):
-    """Σ_c fn(chunk_c, key_c) by lax.scan over chunks (key_c = split(key, num_chunks)[c], or None)."""
-    n = batches.x.shape[0]
-    keys = jax.random.split(key, n) if key is not None else jnp.zeros((n,), jnp.uint32)
-
-    def body(acc, xs):
-        x, y, w, k = xs
-        out = fn(constrain(Batches(x, y, w), batches.mesh), k if key is not None else None)
-        return jax.tree_util.tree_map(jnp.add, acc, out), None
-
-    out, _ = jax.lax.scan(body, init, (batches.x, batches.y, batches.w, keys))
-    return out
+    """Σ_c fn(chunk_c, key_c) by lax.scan over chunks (key_c = split(key, num_chunks)[c], or None);
+    streamed batches (``jax_impl.streaming``) fetch one chunk at a time from host memory."""
+    keys = jax.random.split(key, num_chunks(batches)) if key is not None else None
+    return batches_scan(fn, batches, init, keys)
 
 
 def dtype_of(params):
