@@ -489,6 +489,30 @@ def test_every_public_function_jits_to_the_same_answer():
         np.testing.assert_allclose(np.abs(x), np.abs(y), rtol=1e-9, atol=1e-12)
 
 
+def test_eager_calls_compile_the_matvec_once_with_its_arrays_as_arguments():
+    """A call outside any trace runs a program compiled once per operator; the closed-over matrix is an
+    argument of it, not a constant (a 30x30 matrix would show in the program's constants)."""
+    a, _ = sym_matrix(np.linspace(-1.0, 4.0, 30), seed=21)
+    traced = []
+    mat = jnp.asarray(a)
+
+    def matvec(v):
+        traced.append(1)  # runs once per trace
+        return mat @ v
+
+    op = as_operator(matvec, dim=30, dtype=jnp.float64)
+    vs = [jnp.asarray(np.random.default_rng(i).normal(size=30)) for i in range(3)]
+    for v in vs:
+        np.testing.assert_allclose(op(v), a @ np.asarray(v), rtol=1e-13)  # against numpy
+    assert len(traced) == 1  # one trace, then the compiled program: not one per call
+    call = op._compiled
+    hlo = call.jitted.lower(vs[0], *call.consts).as_text()
+    assert [c.shape for c in call.consts] == [(30, 30)] and 'dense<"0x' not in hlo  # an argument, not a constant
+    traced.clear()
+    jax.jit(op)(vs[0])  # under a trace the plain matvec runs, inlined in the caller's program
+    assert len(traced) == 1
+
+
 def test_float32_default_and_result_records():
     with jax.enable_x64(False):  # float32 as in production: 64-bit JAX off (the module turns it on)
         a, _ = sym_matrix(np.linspace(0.0, 5.0, 20), seed=20)
