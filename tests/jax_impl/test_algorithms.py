@@ -171,11 +171,16 @@ def test_lanczos_ritz_vectors_from_the_segments():
 def test_probes_are_the_jax_random_draws_bit_for_bit(x64_on):
     with jax.enable_x64(x64_on):
         dt = jnp.float64 if x64_on else jnp.float32
+        # Each pair inside one jitted program, as the algorithms draw them (eagerly, every jnp call
+        # compiled a program of its own per shape: 10 s a parametrization on 2 cores)
+        pairs = jax.jit(lambda key, n: (
+            (rademacher_vector(key, n, dt), jax.random.rademacher(key, (n,), dt)),
+            (normal_vector(key, (n,), jnp.float32), jax.random.normal(key, (n,), jnp.float32)),
+            (normal_vector(key, (3, n), dt), jax.random.normal(key, (3, n), dt))), static_argnums=1)
         for key in (jax.random.PRNGKey(3), jax.random.key(5), jax.random.key(2, impl="rbg")):  # rbg: fallback
             for n in (1, 1001):
-                assert jnp.array_equal(rademacher_vector(key, n, dt), jax.random.rademacher(key, (n,), dt))
-                assert jnp.array_equal(normal_vector(key, (n,), jnp.float32), jax.random.normal(key, (n,), jnp.float32))
-                assert jnp.array_equal(normal_vector(key, (3, n), dt), jax.random.normal(key, (3, n), dt))
+                for ours, theirs in pairs(key, n):
+                    assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
         rows = jax.jit(jax.vmap(lambda r: normal_vector(KEY, (3, 999), dt, row=r)))(jnp.arange(3))
         assert jnp.array_equal(rows, jax.random.normal(KEY, (3, 999), dt))
         probes = jax.jit(jax.vmap(lambda i: rademacher_probe(KEY, i, 999)))(jnp.arange(5))
