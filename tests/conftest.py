@@ -45,22 +45,6 @@ if os.environ[_CACHE_ENV] != "off":
         jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(dir=os.environ[_CACHE_ENV]))
 
 
-# The slowest modules first (measured on the 2-core machine, 60-110 s each): pytest-xdist's
-# --dist loadfile hands out whole modules in collection order, so a long module collected last
-# left one worker running alone at the end. Longest first keeps both workers busy to the end.
-# A stable sort: modules keep their tests' order and stay whole; any module not named keeps its place.
-SLOW_FIRST = ["tests/jax_impl/test_algorithms.py", "tests/jax_impl/test_operators.py",
-              "tests/bridge/test_backpack_approx.py", "tests/benchmarks/test_cli.py", "tests/jax_impl/test_api.py",
-              "tests/jax_impl/test_sketch.py", "tests/bridge/test_backpack.py",
-              "tests/jax_impl/test_certified_lanczos.py", "tests/benchmarks/test_faults.py",
-              "tests/jax_impl/test_tracking.py", "tests/test_readme.py", "tests/benchmarks/test_reproduce.py"]
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {m: i for i, m in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
-
-
 def pytest_unconfigure(config):
     if _OWN_CACHE and not hasattr(config, "workerinput"):
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
